@@ -1,0 +1,13 @@
+"""flaxbert: fast BERT pretraining and fine-tuning in JAX/Flax, interoperable with Hugging Face."""
+
+from flaxbert.config import BertConfig, ConfigError
+from flaxbert.heads import (HEADS, MaskedLMOutput, MultipleChoiceOutput, PretrainingOutput,
+                            QuestionAnsweringOutput, SequenceClassifierOutput, TokenClassifierOutput,
+                            apply_head, init, logical_axes, param_shapes)
+from flaxbert.model import EncoderOutput, InputError, encode
+
+__all__ = [
+    "BertConfig", "ConfigError", "EncoderOutput", "InputError", "HEADS", "init", "encode", "apply_head",
+    "logical_axes", "param_shapes", "PretrainingOutput", "MaskedLMOutput", "SequenceClassifierOutput",
+    "TokenClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput",
+]

@@ -1,0 +1,173 @@
+"""BertConfig: the frozen description of a BERT encoder, its presets and its HF mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "silu", "swish")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT encoder. Field names follow HF `BertConfig` where one exists."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # HF names: gelu = exact erf, gelu_new / gelu_pytorch_tanh = tanh approx.
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    # --- flaxbert-only settings (not part of a HF config) ---
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention_impl: str = "xla"  # xla einsum | jax.nn.dot_product_attention (cuDNN flash on GPU)
+    scan_layers: bool = True  # stack layers on a `layers` axis and lax.scan over them
+    remat_policy: str = "none"  # activation checkpointing per layer; see REMAT_POLICIES
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"BertConfig.hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"BertConfig.hidden_act {self.hidden_act!r} is unknown; choose one of {ACTIVATIONS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"BertConfig.dtype {self.dtype!r} is unknown; choose one of {DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"BertConfig.attention_impl {self.attention_impl!r} is unknown; choose one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(
+                f"BertConfig.remat_policy {self.remat_policy!r} is unknown; choose one of {REMAT_POLICIES}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"BertConfig.pad_token_id {self.pad_token_id} is outside the vocabulary "
+                              f"(vocab_size {self.vocab_size})")
+
+    # ----- presets -----------------------------------------------------------------------------
+    @classmethod
+    def _preset(cls, layers: int, hidden: int, **overrides) -> "BertConfig":
+        fields = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=max(hidden // 64, 1),
+                      intermediate_size=4 * hidden)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def tiny(cls, **kw) -> "BertConfig":
+        return cls._preset(2, 128, **kw)
+
+    @classmethod
+    def mini(cls, **kw) -> "BertConfig":
+        return cls._preset(4, 256, **kw)
+
+    @classmethod
+    def small(cls, **kw) -> "BertConfig":
+        return cls._preset(4, 512, **kw)
+
+    @classmethod
+    def medium(cls, **kw) -> "BertConfig":
+        return cls._preset(8, 512, **kw)
+
+    @classmethod
+    def base(cls, **kw) -> "BertConfig":
+        return cls._preset(12, 768, **kw)
+
+    @classmethod
+    def large(cls, **kw) -> "BertConfig":
+        return cls._preset(24, 1024, **kw)
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "BertConfig":
+        presets = ("tiny", "mini", "small", "medium", "base", "large")
+        if name not in presets:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {presets}")
+        return getattr(cls, name)(**kw)
+
+    # ----- derived values ----------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "BertConfig":
+        return dataclasses.replace(self, **changes)
+
+    def flops_per_token(self, seq_len: int, *, masked_fraction: float = 0.15, training: bool = True) -> float:
+        """Model FLOPs per input token (multiply-add = 2 FLOPs), forward+backward when `training`.
+
+        Counts the encoder matmuls (QKV, attention scores and values, output, FFN), the pooler+NSP
+        (per sequence, amortised over seq_len) and the MLM head only at `masked_fraction` of the
+        tokens, which is what flaxbert computes. Embedding gathers and elementwise work are ignored.
+        """
+        h, i, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        per_layer = 2 * (4 * h * h + 2 * h * i) + 2 * (2 * seq_len * h)  # dense + attention (QK^T, PV)
+        mlm = masked_fraction * 2 * (h * h + h * V)
+        pooler = 2 * (h * h + 2 * h) / seq_len
+        forward = L * per_layer + mlm + pooler
+        return 3.0 * forward if training else forward
+
+    # ----- Hugging Face mapping ----------------------------------------------------------------
+    _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+                  "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **overrides) -> "BertConfig":
+        """From a transformers `BertConfig`, a config.json dict, or a path to config.json / a model dir."""
+        source = "config"
+        if isinstance(hf, (str, os.PathLike)):
+            path = os.fspath(hf)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            source = path
+            try:
+                with open(path, encoding="utf-8") as f:
+                    hf = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no config.json found") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, Mapping):
+            hf = hf.to_dict()
+        model_type = hf.get("model_type", "bert")
+        if model_type != "bert":
+            raise ConfigError(f"{source}: model_type is {model_type!r}, but flaxbert loads only 'bert' models")
+        pos_type = hf.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise ConfigError(f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')")
+        fields = {k: hf[k] for k in cls._HF_FIELDS if k in hf and hf[k] is not None}
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf_config(self, **extra) -> dict:
+        """A config.json dict that transformers' BertConfig accepts."""
+        out = {k: getattr(self, k) for k in self._HF_FIELDS}
+        out.update(model_type="bert", position_embedding_type="absolute", architectures=["BertModel"])
+        out.update(extra)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,196 @@
+"""Task heads on top of the encoder, the combined module, and the functional API: `init`, `apply_head`,
+`logical_axes`. Heads return small NamedTuples."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxbert.config import BertConfig
+from flaxbert.model import (BertEncoder, InputError, LayerNorm, _dtype, _normal, _zeros, activation,
+                            check_batch, encoder_inputs, gather_positions)
+
+Array = jax.Array
+HEADS = ("pretraining", "masked_lm", "sequence_classification", "token_classification",
+         "question_answering", "multiple_choice")
+
+
+class PretrainingOutput(NamedTuple):
+    mlm_logits: Array  # [batch, predictions, vocab] (only at masked_lm_positions)
+    nsp_logits: Array  # [batch, 2], or [batch, instances, 2] for packed rows
+
+
+class MaskedLMOutput(NamedTuple):
+    mlm_logits: Array  # [batch, predictions, vocab], or [batch, seq, vocab] without masked_lm_positions
+
+
+class SequenceClassifierOutput(NamedTuple):
+    logits: Array  # [batch, num_labels]; num_labels == 1 is regression
+
+
+class TokenClassifierOutput(NamedTuple):
+    logits: Array  # [batch, seq, num_labels]
+
+
+class QuestionAnsweringOutput(NamedTuple):
+    start_logits: Array  # [batch, seq]
+    end_logits: Array  # [batch, seq]
+
+
+class MultipleChoiceOutput(NamedTuple):
+    logits: Array  # [batch, choices]
+
+
+class MLMHead(nn.Module):
+    """dense -> act -> LayerNorm -> logits against the tied word embeddings + bias."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, attend):
+        c = self.config
+        dtype = _dtype(c)
+        h = nn.Dense(c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                     kernel_init=_normal(c, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+                     name="transform")(h)
+        h = LayerNorm(c.layer_norm_eps, dtype, name="transform_norm")(activation(c.hidden_act)(h))
+        bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), jnp.float32)
+        return attend(h).astype(jnp.float32) + bias
+
+
+def _classifier(config: BertConfig, features: int, name: str):
+    return nn.Dense(features, dtype=_dtype(config), param_dtype=jnp.float32,
+                    kernel_init=_normal(config, ("embed", "labels")), bias_init=_zeros(("labels",)), name=name)
+
+
+class Head(nn.Module):
+    """All parameters of one head, kept under the head's name in the parameter tree."""
+
+    config: BertConfig
+    head: str
+    num_labels: int
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        c, head = self.config, self.head
+        drop = nn.Dropout(c.hidden_dropout_prob)
+        if head in ("pretraining", "masked_lm"):
+            positions = batch.get("masked_lm_positions")
+            h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)
+            mlm_logits = MLMHead(c, name="mlm")(h, attend)
+            if head == "masked_lm":
+                return MaskedLMOutput(mlm_logits)
+            nsp_logits = _classifier(c, 2, "nsp")(out.pooled_output).astype(jnp.float32)
+            return PretrainingOutput(mlm_logits, nsp_logits)
+        if head == "sequence_classification":
+            pooled = drop(out.pooled_output, deterministic=self.deterministic)
+            return SequenceClassifierOutput(_classifier(c, self.num_labels, "classifier")(pooled).astype(jnp.float32))
+        if head == "token_classification":
+            seq = drop(out.last_hidden_state, deterministic=self.deterministic)
+            return TokenClassifierOutput(_classifier(c, self.num_labels, "classifier")(seq).astype(jnp.float32))
+        if head == "question_answering":
+            logits = _classifier(c, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
+            return QuestionAnsweringOutput(logits[..., 0], logits[..., 1])
+        pooled = drop(out.pooled_output, deterministic=self.deterministic)  # multiple choice
+        return MultipleChoiceOutput(_classifier(c, 1, "classifier")(pooled).astype(jnp.float32)[..., 0])
+
+
+class BertWithHead(nn.Module):
+    """The encoder under `bert` and one head under its own name."""
+
+    config: BertConfig
+    head: Optional[str] = None
+    num_labels: int = 2
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, batch):
+        inputs = encoder_inputs(batch)
+        choices = None
+        if self.head == "multiple_choice":  # [batch, choices, seq] -> [batch * choices, seq]
+            choices = inputs["input_ids"].shape[1]
+            inputs = {k: v.reshape((-1, v.shape[-1])) for k, v in inputs.items()}
+        bert = BertEncoder(self.config, self.deterministic, name="bert")
+        out = bert(**inputs, cls_positions=batch.get("cls_positions"))
+        if self.head is None:
+            return out
+        result = Head(self.config, self.head, self.num_labels, self.deterministic, name=self.head)(
+            out, batch, bert.embeddings.attend)
+        if choices is not None:
+            result = MultipleChoiceOutput(result.logits.reshape(-1, choices))
+        return result
+
+
+def _check_head(head: Optional[str]) -> None:
+    if head is not None and head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {HEADS} (or None for the bare encoder)")
+
+
+def _example_batch(config: BertConfig, head: Optional[str]) -> dict:
+    seq = min(8, config.max_position_embeddings)
+    shape = (1, 2, seq) if head == "multiple_choice" else (1, seq)
+    batch = {k: jnp.zeros(shape, jnp.int32) for k in ("input_ids", "token_type_ids")}
+    batch["attention_mask"] = jnp.ones(shape, jnp.int32)
+    if head in ("pretraining", "masked_lm"):
+        batch["masked_lm_positions"] = jnp.zeros((1, 2), jnp.int32)
+    return batch
+
+
+def _module(config, head, num_labels, deterministic=True) -> BertWithHead:
+    _check_head(head)
+    if head in ("sequence_classification", "token_classification") and num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    return BertWithHead(config, head, num_labels, deterministic)
+
+
+def _boxed_shapes(config, head, num_labels):
+    module = _module(config, head, num_labels)
+    return jax.eval_shape(lambda r: module.init(r, _example_batch(config, head)), jax.random.key(0))["params"]
+
+
+def init(config: BertConfig, rng: Array, head: Optional[str] = None, num_labels: int = 2) -> dict:
+    """Fresh float32 parameters: {"bert": ...} plus the head's tree under its name."""
+    module = _module(config, head, num_labels)
+    variables = jax.jit(lambda r: module.init(r, _example_batch(config, head)))(rng)
+    return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(config: BertConfig, head: Optional[str] = None, num_labels: int = 2):
+    """The tree of logical PartitionSpecs matching `init`'s parameters (no arrays are allocated)."""
+    return nn.get_partition_spec(_boxed_shapes(config, head, num_labels))
+
+
+def param_shapes(config: BertConfig, head: Optional[str] = None, num_labels: int = 2):
+    """ShapeDtypeStructs of `init`'s parameters (no arrays are allocated)."""
+    return nn.meta.unbox(_boxed_shapes(config, head, num_labels))
+
+
+def head_of(params: Mapping[str, Any]) -> Optional[str]:
+    heads = [k for k in params if k in HEADS]
+    if len(heads) > 1:
+        raise ValueError(f"parameters hold several heads: {heads}")
+    return heads[0] if heads else None
+
+
+def num_labels_of(params: Mapping[str, Any], head: Optional[str]) -> int:
+    if head in ("sequence_classification", "token_classification"):
+        return int(params[head]["classifier"]["kernel"].shape[-1])
+    return 2
+
+
+def apply_head(params, batch: Mapping[str, Any], config: BertConfig, head: Optional[str] = None, *,
+               dropout_rng: Optional[Array] = None):
+    """Encoder + head. `head` defaults to the head found in `params`. Dropout only with `dropout_rng`."""
+    head = head_of(params) if head is None else head
+    _check_head(head)
+    if head is not None and head not in params:
+        raise InputError(f"params have no {head!r} head (found: {sorted(params)})")
+    check_batch(batch, config, seq_axis=2 if head == "multiple_choice" else 1)
+    module = _module(config, head, num_labels_of(params, head), deterministic=dropout_rng is None)
+    variables = {"params": {k: params[k] for k in ("bert", head) if k is not None}}
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return module.apply(variables, batch, rngs=rngs)

@@ -1,0 +1,496 @@
+"""Hugging Face checkpoint interop: the one module that knows HF parameter names.
+
+Loads `flax_model.msgpack` (any FlaxBert* class, with or without the `bert/` prefix), `model.safetensors`
+(single or sharded) and `pytorch_model.bin` (only through torch's weights-only unpickler, which cannot
+run code); writes config.json + model.safetensors (PyTorch names) + flax_model.msgpack + tokenizer files.
+
+Internally every source is first turned into a flat dict keyed by HF *Flax* names with Flax layouts
+(`encoder/layer/3/attention/self/query/kernel`, kernels [in, out]); one table maps those to flaxbert's
+stacked tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from flaxbert.config import BertConfig, ConfigError
+from flaxbert.heads import HEADS, init, param_shapes
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+REFUSED_FILES = ("tf_model.h5", "model.ckpt.index", "bert_model.ckpt.index", "model.onnx")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+ARCHITECTURES = {
+    None: "BertModel",
+    "pretraining": "BertForPreTraining",
+    "masked_lm": "BertForMaskedLM",
+    "sequence_classification": "BertForSequenceClassification",
+    "token_classification": "BertForTokenClassification",
+    "question_answering": "BertForQuestionAnswering",
+    "multiple_choice": "BertForMultipleChoice",
+}
+_HEAD_OF_ARCH = {arch.replace("Bert", "FlaxBert"): head for head, arch in ARCHITECTURES.items()}
+_HEAD_OF_ARCH.update({arch: head for head, arch in ARCHITECTURES.items()})
+
+
+class HFLoadError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file or parameter."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    source: str  # the weights file read
+    missing: list  # encoder parameters the checkpoint lacked (freshly initialised)
+    initialized: list  # head parameters freshly initialised (absent from the checkpoint, or re-initialised)
+    unexpected: list  # checkpoint entries flaxbert did not use
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.source}"]
+        for name in ("missing", "initialized", "unexpected"):
+            items = getattr(self, name)
+            if items:
+                parts.append(f"{name} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    config: BertConfig
+    params: dict
+    tokenizer: Any = None
+    head: Optional[str] = None
+    report: Optional[LoadReport] = None
+    hf_extra: dict = dataclasses.field(default_factory=dict)  # id2label, label2id, problem_type, ...
+
+    @property
+    def num_labels(self) -> int:
+        from flaxbert.heads import num_labels_of
+        return num_labels_of(self.params, self.head)
+
+
+# ----- the name table ---------------------------------------------------------------------------
+
+def _layer_rules(cfg: BertConfig):
+    """(flaxbert path inside encoder/layers, HF suffix inside encoder/layer/{i}, to_ours, to_hf)."""
+    H, nh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    split_in = (lambda k: k.reshape(H, nh, hd), lambda k: k.reshape(H, H))
+    split_bias = (lambda b: b.reshape(nh, hd), lambda b: b.reshape(H))
+    merge_out = (lambda k: k.reshape(nh, hd, H), lambda k: k.reshape(H, H))
+    same = (lambda x: x, lambda x: x)
+    rules = []
+    for p in ("query", "key", "value"):
+        rules.append((f"attention/{p}/kernel", f"attention/self/{p}/kernel", *split_in))
+        rules.append((f"attention/{p}/bias", f"attention/self/{p}/bias", *split_bias))
+    rules += [
+        ("attention/output/kernel", "attention/output/dense/kernel", *merge_out),
+        ("attention/output/bias", "attention/output/dense/bias", *same),
+        ("attention_norm/scale", "attention/output/LayerNorm/scale", *same),
+        ("attention_norm/bias", "attention/output/LayerNorm/bias", *same),
+        ("intermediate/kernel", "intermediate/dense/kernel", *same),
+        ("intermediate/bias", "intermediate/dense/bias", *same),
+        ("output/kernel", "output/dense/kernel", *same),
+        ("output/bias", "output/dense/bias", *same),
+        ("output_norm/scale", "output/LayerNorm/scale", *same),
+        ("output_norm/bias", "output/LayerNorm/bias", *same),
+    ]
+    return rules
+
+
+_ENCODER_RULES = [  # flaxbert path under bert/ -> HF Flax name under bert/
+    ("embeddings/word_embeddings", "embeddings/word_embeddings/embedding"),
+    ("embeddings/position_embeddings", "embeddings/position_embeddings/embedding"),
+    ("embeddings/token_type_embeddings", "embeddings/token_type_embeddings/embedding"),
+    ("embeddings/norm/scale", "embeddings/LayerNorm/scale"),
+    ("embeddings/norm/bias", "embeddings/LayerNorm/bias"),
+    ("pooler/dense/kernel", "pooler/dense/kernel"),
+    ("pooler/dense/bias", "pooler/dense/bias"),
+]
+_MLM_RULES = [
+    ("mlm/transform/kernel", "cls/predictions/transform/dense/kernel"),
+    ("mlm/transform/bias", "cls/predictions/transform/dense/bias"),
+    ("mlm/transform_norm/scale", "cls/predictions/transform/LayerNorm/scale"),
+    ("mlm/transform_norm/bias", "cls/predictions/transform/LayerNorm/bias"),
+    ("mlm/bias", "cls/predictions/bias"),
+]
+_HEAD_RULES = {
+    None: [],
+    "masked_lm": _MLM_RULES,
+    "pretraining": _MLM_RULES + [("nsp/kernel", "cls/seq_relationship/kernel"),
+                                 ("nsp/bias", "cls/seq_relationship/bias")],
+    "sequence_classification": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
+    "token_classification": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
+    "multiple_choice": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
+    "question_answering": [("qa_outputs/kernel", "qa_outputs/kernel"), ("qa_outputs/bias", "qa_outputs/bias")],
+}
+# Entries HF writes that flaxbert derives instead (tied decoder) and checks rather than loads.
+_TIED = ("cls/predictions/decoder/kernel", "cls/predictions/decoder/bias")
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+# ----- reading the sources into HF Flax names ---------------------------------------------------
+
+_PT_LEAF = [(re.compile(r"(LayerNorm)\.(weight|gamma)$"), r"\1/scale"), (re.compile(r"(LayerNorm)\.(beta)$"), r"\1/bias"),
+            (re.compile(r"(_embeddings)\.weight$"), r"\1/embedding"), (re.compile(r"\.weight$"), "/kernel"),
+            (re.compile(r"\.bias$"), "/bias")]
+
+
+def _pt_to_flax_names(state: Mapping[str, np.ndarray]) -> dict:
+    """PyTorch state dict (dotted names, Linear weights [out, in]) -> HF Flax names and layouts."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith("position_ids"):  # a buffer, not a parameter
+            continue
+        flax_name = name
+        for pattern, repl in _PT_LEAF:
+            new = pattern.sub(repl, flax_name)
+            if new != flax_name:
+                flax_name = new
+                break
+        flax_name = flax_name.replace(".", "/")
+        value = np.asarray(value)
+        if flax_name.endswith("/kernel") and value.ndim == 2:
+            value = value.T
+        out[flax_name] = value
+    return out
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors import safe_open
+    try:
+        out = {}
+        # The flax backend reads every dtype safetensors knows (bfloat16 included); we keep float32 numpy.
+        with safe_open(path, framework="flax") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = np.asarray(t.astype(np.float32) if jax.numpy.issubdtype(t.dtype, jax.numpy.floating) else t)
+        return out
+    except Exception as e:  # safetensors raises its own error types for truncated/invalid files
+        raise HFLoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_torch_bin(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise HFLoadError(f"{path}: reading pytorch_model.bin needs torch (pip install torch); "
+                          "or convert the checkpoint to model.safetensors") from None
+    try:
+        # weights_only=True uses torch's restricted unpickler: it refuses any global that is not a
+        # tensor/storage type, so a crafted pickle cannot run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise HFLoadError(f"{path}: refused by the weights-only loader (it is not a plain state dict of "
+                          f"tensors, so it was not executed): {str(e).splitlines()[0]}") from None
+    if not isinstance(state, Mapping):
+        raise HFLoadError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def _read_msgpack(path: str) -> dict:
+    from flax import serialization
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tree = serialization.msgpack_restore(data)  # plain msgpack with ndarray extension: no code runs
+    except Exception as e:
+        raise HFLoadError(f"{path}: not a readable Flax msgpack file ({e})") from None
+    return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+            for k, v in _flatten(tree).items()}
+
+
+def _read_sharded(index_path: str, reader: Callable[[str], dict]) -> dict:
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    files = sorted(set(index.get("weight_map", {}).values()))
+    if not files:
+        raise HFLoadError(f"{index_path}: weight_map is empty")
+    out = {}
+    for name in files:
+        out.update(reader(os.path.join(os.path.dirname(index_path), name)))
+    return out
+
+
+def read_checkpoint(model_dir: str) -> tuple[str, dict]:
+    """(weights file, flat dict of HF Flax names -> float32 numpy) from a local HF model directory."""
+    present = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(model_dir, f))]
+    if not present:
+        refused = [f for f in REFUSED_FILES if os.path.exists(os.path.join(model_dir, f))]
+        listing = sorted(os.listdir(model_dir))[:12]
+        hint = f" ({', '.join(refused)} is not supported: convert it with transformers first)" if refused else ""
+        raise HFLoadError(f"{model_dir}: no weights found; expected one of {', '.join(WEIGHT_FILES)}{hint}. "
+                          f"Directory holds: {listing}")
+    name = present[0]
+    path = os.path.join(model_dir, name)
+    if name == "model.safetensors":
+        flat = _pt_to_flax_names(_read_safetensors(path))
+    elif name == "model.safetensors.index.json":
+        flat = _pt_to_flax_names(_read_sharded(path, _read_safetensors))
+    elif name == "flax_model.msgpack":
+        flat = _read_msgpack(path)
+    elif name == "pytorch_model.bin":
+        flat = _pt_to_flax_names(_read_torch_bin(path))
+    else:
+        flat = _pt_to_flax_names(_read_sharded(path, _read_torch_bin))
+    return path, flat
+
+
+# ----- mapping HF names <-> flaxbert tree -------------------------------------------------------
+
+def _strip_prefix(flat: dict) -> dict:
+    """Checkpoints of BertModel have no `bert/` prefix; head models do. Normalise to the prefixed form."""
+    out = {}
+    for k, v in flat.items():
+        top = k.split("/", 1)[0]
+        out[f"bert/{k}" if top in ("embeddings", "encoder", "pooler") else k] = v
+    return out
+
+
+def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labels: int, rng,
+                   on_head_mismatch: str = "reinit") -> tuple[dict, LoadReport]:
+    """Place HF tensors into a freshly initialised flaxbert tree; returns (params, report)."""
+    flat = _strip_prefix(flat)
+    fresh = jax.tree.map(np.asarray, init(config, rng, head=head, num_labels=num_labels))
+    ours = _flatten(fresh)
+    used, missing, initialized = set(), [], []
+
+    def put(our_path: str, value: np.ndarray, hf_name: str, is_head: bool):
+        expected = ours[our_path].shape
+        if value.shape != expected:
+            if is_head and on_head_mismatch == "reinit":
+                initialized.append(f"{our_path} (checkpoint {hf_name} has shape {value.shape}, model needs "
+                                   f"{expected}: re-initialised)")
+                return
+            raise HFLoadError(f"parameter {hf_name}: checkpoint shape {value.shape} does not match the model's "
+                              f"{our_path} shape {expected}" + (
+                                  " (the head has a different number of labels; pass on_head_mismatch='reinit' "
+                                  "to re-initialise it)" if is_head else ""))
+        ours[our_path] = value.astype(ours[our_path].dtype)
+
+    for our, hf_name in _ENCODER_RULES:
+        key = f"bert/{hf_name}"
+        if key in flat:
+            put(f"bert/{our}", flat[key], key, False)
+            used.add(key)
+        else:
+            missing.append(f"bert/{our}")
+    layers = config.num_hidden_layers
+    for our, hf_suffix, to_ours, _ in _layer_rules(config):
+        names = [f"bert/encoder/layer/{i}/{hf_suffix}" for i in range(layers)]
+        found = [n for n in names if n in flat]
+        if len(found) < layers:
+            missing.extend(f"bert/encoder/layers/{our}[layer {names.index(n)}]" for n in names if n not in flat)
+            if not found:
+                continue
+        stacked = np.array(ours[f"bert/encoder/layers/{our}"])
+        for i, n in enumerate(names):
+            if n in flat:
+                value = flat[n]
+                try:
+                    value = to_ours(value)
+                except ValueError:
+                    raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not fit "
+                                      f"{our} of shape {stacked.shape[1:]}") from None
+                if value.shape != stacked.shape[1:]:
+                    raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not match the "
+                                      f"model's shape {stacked.shape[1:]}")
+                stacked[i] = value
+                used.add(n)
+        ours[f"bert/encoder/layers/{our}"] = stacked
+    for our, hf_name in _HEAD_RULES[head]:
+        path = f"{head}/{our}"
+        if hf_name in flat:
+            put(path, flat[hf_name], hf_name, True)
+            used.add(hf_name)
+        else:
+            initialized.append(path)
+    word = ours["bert/embeddings/word_embeddings"]
+    for tied in _TIED:
+        if tied in flat:
+            value = flat[tied]
+            if tied.endswith("kernel"):
+                ok = value.T.shape == word.shape and np.allclose(value.T, word)
+            else:
+                ok = "cls/predictions/bias" in flat and np.allclose(value, flat["cls/predictions/bias"])
+            if ok:
+                used.add(tied)
+    unexpected = sorted(k for k in flat if k not in used and not re.match(r"bert/embeddings/position_ids", k))
+    report = LoadReport("", missing, initialized, unexpected)
+    return _unflatten(ours), report
+
+
+def flaxbert_to_hf(params: Mapping, config: BertConfig, head: Optional[str]) -> dict:
+    """flaxbert tree -> flat dict of HF Flax names (with the `bert/` prefix)."""
+    flat = _flatten(jax.tree.map(np.asarray, dict(params)))
+    out = {}
+    for our, hf_name in _ENCODER_RULES:
+        out[f"bert/{hf_name}"] = flat[f"bert/{our}"]
+    for our, hf_suffix, _, to_hf in _layer_rules(config):
+        stacked = flat[f"bert/encoder/layers/{our}"]
+        for i in range(config.num_hidden_layers):
+            out[f"bert/encoder/layer/{i}/{hf_suffix}"] = to_hf(stacked[i])
+    if head is not None:
+        for our, hf_name in _HEAD_RULES[head]:
+            out[hf_name] = flat[f"{head}/{our}"]
+    return out
+
+
+def _flax_to_pt_names(flat: Mapping[str, np.ndarray], with_prefix: bool) -> dict:
+    out = {}
+    for name, value in flat.items():
+        if not with_prefix and name.startswith("bert/"):
+            name = name[len("bert/"):]
+        parts = name.split("/")
+        leaf = parts[-1]
+        if leaf == "scale":
+            parts[-1] = "weight"
+        elif leaf == "embedding":
+            parts[-1] = "weight"
+        elif leaf == "kernel":
+            parts[-1] = "weight"
+            value = value.T
+        out[".".join(parts)] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
+# ----- public API -------------------------------------------------------------------------------
+
+def _resolve_dir(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise HFLoadError(f"{path}: expected a model directory (config.json + weights), got a file")
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith((".", "/")):
+        try:  # a hub id: the real download path; fails fast offline
+            from huggingface_hub import snapshot_download
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.msgpack", "vocab.txt"])
+        except Exception as e:
+            raise HFLoadError(f"{path}: not a local directory, and downloading it from the Hugging Face Hub "
+                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    raise HFLoadError(f"{path}: no such directory")
+
+
+def _head_from_config(hf: Mapping) -> Optional[str]:
+    for arch in hf.get("architectures") or []:
+        if arch in _HEAD_OF_ARCH:
+            return _HEAD_OF_ARCH[arch]
+    return None
+
+
+def load_tokenizer_if_present(model_dir: str):
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    from flaxbert.vocab import load_tokenizer
+    return load_tokenizer(model_dir)
+
+
+def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optional[int] = None, *,
+                    rng=None, on_head_mismatch: str = "reinit", config_overrides: Optional[dict] = None,
+                    load_tokenizer: bool = True) -> PretrainedModel:
+    """Load a local HF BERT directory (or a hub id when online) into flaxbert parameters.
+
+    head: "auto" takes the head named by config.json's `architectures`; None loads the bare encoder.
+    Heads absent from the checkpoint are freshly initialised and listed in `report.initialized` (and logged).
+    on_head_mismatch: "reinit" re-initialises a head whose shape differs (e.g. another number of labels),
+    with a warning; "error" refuses.
+    """
+    if on_head_mismatch not in ("reinit", "error"):
+        raise ValueError(f"on_head_mismatch must be 'reinit' or 'error', got {on_head_mismatch!r}")
+    model_dir = _resolve_dir(os.fspath(path))
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise HFLoadError(f"{model_dir}: no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFLoadError(f"{config_path}: not valid JSON ({e})") from None
+    try:
+        config = BertConfig.from_hf_config(hf, **(config_overrides or {}))
+    except ConfigError as e:
+        raise HFLoadError(f"{config_path}: {e}".replace(f"{config_path}: {config_path}: ", f"{config_path}: ")) from None
+    if head == "auto":
+        head = _head_from_config(hf)
+    if head is not None and head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}, None or 'auto'")
+    if num_labels is None:
+        num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
+    source, flat = read_checkpoint(model_dir)
+    rng = jax.random.key(0) if rng is None else rng
+    params, report = hf_to_flaxbert(flat, config, head, num_labels, rng, on_head_mismatch)
+    report.source = source
+    if report.missing or report.initialized or report.unexpected:
+        log.warning("%s", report.summary())
+    extra = {k: hf[k] for k in ("id2label", "label2id", "problem_type") if k in hf}
+    if head in ("sequence_classification", "token_classification") and extra.get("id2label") and \
+            len(extra["id2label"]) != num_labels:
+        extra = {k: v for k, v in extra.items() if k not in ("id2label", "label2id")}
+    tokenizer = load_tokenizer_if_present(model_dir) if load_tokenizer else None
+    return PretrainedModel(config, params, tokenizer, head, report, extra)
+
+
+def save_pretrained(model: PretrainedModel, out_dir: str, *, tokenizer=None, flax: bool = True) -> None:
+    """Write config.json, model.safetensors (PyTorch names), flax_model.msgpack (HF Flax names) and the
+    tokenizer files, so transformers (PyTorch or Flax) loads the directory with no missing weights."""
+    from flax import serialization
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    head = model.head
+    flat = flaxbert_to_hf(model.params, model.config, head)
+    extra = dict(model.hf_extra)
+    if head in ("sequence_classification", "token_classification"):
+        n = model.num_labels
+        extra.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(n)})
+        extra.setdefault("label2id", {v: int(k) for k, v in extra["id2label"].items()})
+        if head == "sequence_classification" and n == 1:
+            extra.setdefault("problem_type", "regression")
+    hf_config = model.config.to_hf_config(architectures=[ARCHITECTURES[head]], **extra)
+    pt = _flax_to_pt_names(flat, with_prefix=head is not None)
+    if head in ("pretraining", "masked_lm"):  # write the tied decoder explicitly, as HF does
+        pt["cls.predictions.decoder.weight"] = pt["bert.embeddings.word_embeddings.weight"].copy()
+        pt["cls.predictions.decoder.bias"] = pt["cls.predictions.bias"].copy()
+    tmp = os.path.join(out_dir, ".tmp-model.safetensors")
+    save_file(pt, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    if flax:
+        tree = _unflatten(flat)
+        if head is None:
+            tree = tree["bert"]
+        with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:
+            f.write(serialization.msgpack_serialize(tree))
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,292 @@
+"""The BERT encoder as pure linen modules: embeddings, scanned post-LN layers, pooler, and `encode`.
+
+No I/O, no optimizer, no mesh. Every parameter carries logical axis names drawn from
+{vocab, embed, heads, kv, mlp, layers, pos, type}; `flaxbert.sharding` maps them to a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxbert.config import BertConfig
+
+Array = jax.Array
+ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "instance_ids")
+
+
+class InputError(ValueError):
+    """A batch does not fit the model (shape, dtype or id range); the message names the key."""
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: Array  # [batch, seq, hidden]
+    pooled_output: Array  # [batch, hidden], or [batch, instances, hidden] for packed rows
+
+
+def _dtype(config: BertConfig):
+    return jnp.dtype(config.dtype)
+
+
+def _normal(config: BertConfig, axes):
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
+
+
+def _zeros(axes):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def activation(name: str):
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "tanh": jnp.tanh,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }[name]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose statistics are always float32, whatever the compute dtype."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                           (features,), jnp.float32)
+        bias = self.param("bias", _zeros(("embed",)), (features,), jnp.float32)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings -> LayerNorm -> dropout; `attend` is the tied MLM decoder."""
+
+    config: BertConfig
+    deterministic: bool
+
+    def setup(self):
+        c = self.config
+        self.word_embeddings = self.param("word_embeddings", _normal(c, ("vocab", "embed")),
+                                          (c.vocab_size, c.hidden_size), jnp.float32)
+        self.position_embeddings = self.param("position_embeddings", _normal(c, ("pos", "embed")),
+                                              (c.max_position_embeddings, c.hidden_size), jnp.float32)
+        self.token_type_embeddings = self.param("token_type_embeddings", _normal(c, ("type", "embed")),
+                                                (c.type_vocab_size, c.hidden_size), jnp.float32)
+        self.norm = LayerNorm(c.layer_norm_eps, _dtype(c), name="norm")
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def __call__(self, input_ids, token_type_ids, position_ids):
+        x = (jnp.take(self.word_embeddings, input_ids, axis=0)
+             + jnp.take(self.position_embeddings, position_ids, axis=0)
+             + jnp.take(self.token_type_embeddings, token_type_ids, axis=0))  # [batch, seq, hidden]
+        x = self.norm(x)
+        return self.dropout(x, deterministic=self.deterministic)
+
+    def attend(self, x):
+        """Logits against the word embedding table (weights tied to the input embeddings)."""
+        return jnp.einsum("...h,vh->...v", x, self.word_embeddings.astype(x.dtype))
+
+
+def attention_mask_4d(attention_mask: Array, instance_ids: Optional[Array]) -> Array:
+    """Boolean mask [batch, 1, q, k]: a query sees a key when the key is real and, for packed rows,
+    belongs to the same instance."""
+    if instance_ids is None:
+        return attention_mask.astype(bool)[:, None, None, :]
+    same = instance_ids[:, :, None] == instance_ids[:, None, :]
+    return (same & (instance_ids[:, None, :] > 0))[:, None, :, :]
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        c = self.config
+        dtype = _dtype(c)
+
+        def proj(name):
+            return nn.DenseGeneral((c.num_attention_heads, c.head_dim), axis=-1, dtype=dtype,
+                                   param_dtype=jnp.float32, kernel_init=_normal(c, ("embed", "heads", "kv")),
+                                   bias_init=_zeros(("heads", "kv")), name=name)(x)
+
+        q, k, v = proj("query"), proj("key"), proj("value")  # [batch, seq, heads, head_dim]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        if c.attention_impl == "xla":
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # [batch, heads, q, k]
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            if not self.deterministic and c.attention_probs_dropout_prob > 0:
+                probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            # jax.nn.dot_product_attention has no attention-probability dropout; cuDNN flash on GPU.
+            impl = "cudnn" if c.attention_impl == "cudnn" else None
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+        return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
+                               kernel_init=_normal(c, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
+                               name="output")(ctx)
+
+
+class Layer(nn.Module):
+    """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    config: BertConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        c = self.config
+        dtype = _dtype(c)
+        drop = nn.Dropout(c.hidden_dropout_prob)
+        attn = SelfAttention(c, self.deterministic, name="attention")(x, mask)
+        x = LayerNorm(c.layer_norm_eps, dtype, name="attention_norm")(x + drop(attn, self.deterministic))
+        h = nn.Dense(c.intermediate_size, dtype=dtype, param_dtype=jnp.float32,
+                     kernel_init=_normal(c, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="intermediate")(x)
+        h = activation(c.hidden_act)(h)
+        h = nn.Dense(c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                     kernel_init=_normal(c, ("mlp", "embed")), bias_init=_zeros(("embed",)), name="output")(h)
+        x = LayerNorm(c.layer_norm_eps, dtype, name="output_norm")(x + drop(h, self.deterministic))
+        return x, None
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Encoder(nn.Module):
+    """Layers stacked on a leading `layers` axis and run with lax.scan (unrolled when scan_layers=False:
+    the parameters keep the same stacked layout either way)."""
+
+    config: BertConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        c = self.config
+        layer = Layer
+        if c.remat_policy != "none":
+            layer = nn.remat(Layer, prevent_cse=False, policy=_REMAT_POLICIES[c.remat_policy])
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=c.num_hidden_layers,
+                        unroll=1 if c.scan_layers else c.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(c, self.deterministic, name="layers")(x, mask)
+        return x
+
+
+class Pooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, cls_hidden):
+        c = self.config
+        y = nn.Dense(c.hidden_size, dtype=_dtype(c), param_dtype=jnp.float32,
+                     kernel_init=_normal(c, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+                     name="dense")(cls_hidden)
+        return jnp.tanh(y)
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+    """x [batch, seq, ...], positions [batch, n] -> [batch, n, ...]."""
+    idx = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx.astype(jnp.int32), axis=1)
+
+
+class BertEncoder(nn.Module):
+    """The `bert` parameter tree: embeddings, encoder layers, pooler."""
+
+    config: BertConfig
+    deterministic: bool = True
+
+    def setup(self):
+        self.embeddings = Embeddings(self.config, self.deterministic)
+        self.encoder = Encoder(self.config, self.deterministic)
+        self.pooler = Pooler(self.config)
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
+                 instance_ids=None, cls_positions=None) -> EncoderOutput:
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = (instance_ids > 0) if instance_ids is not None else jnp.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.encoder(x, attention_mask_4d(attention_mask, instance_ids))  # [batch, seq, hidden]
+        cls = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
+        return EncoderOutput(x, self.pooler(cls))
+
+
+# ----- input checks -----------------------------------------------------------------------------
+
+def _concrete(x) -> Optional[np.ndarray]:
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return np.asarray(x)
+    return None
+
+
+def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int = 1) -> None:
+    """Shape, dtype and id-range checks with errors that name the key; value checks run only on
+    concrete arrays (inside jit only shapes are checked)."""
+    if "input_ids" not in batch:
+        raise InputError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
+    ids = batch["input_ids"]
+    shape = tuple(ids.shape)
+    if len(shape) != seq_axis + 1:
+        raise InputError(f"input_ids must have {seq_axis + 1} dimensions, got shape {shape}")
+    if shape[seq_axis] > config.max_position_embeddings:
+        raise InputError(f"sequence length {shape[seq_axis]} is longer than max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    limits = {"input_ids": config.vocab_size, "token_type_ids": config.type_vocab_size,
+              "position_ids": config.max_position_embeddings}
+    for key in ENCODER_KEYS:
+        if key not in batch or batch[key] is None:
+            continue
+        value = batch[key]
+        if tuple(value.shape) != shape:
+            raise InputError(f"{key} has shape {tuple(value.shape)} but input_ids has shape {shape}")
+        if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(value.dtype, jnp.bool_):
+            raise InputError(f"{key} must be an integer array, got dtype {value.dtype}")
+        concrete = _concrete(value)
+        if concrete is not None and key in limits and concrete.size:
+            lo, hi = int(concrete.min()), int(concrete.max())
+            if lo < 0 or hi >= limits[key]:
+                bad = hi if hi >= limits[key] else lo
+                raise InputError(f"{key} contains {bad}, outside [0, {limits[key]}) for this model")
+
+
+def encoder_inputs(batch: Mapping[str, Any]) -> dict:
+    return {k: batch[k] for k in ENCODER_KEYS if k in batch and batch[k] is not None}
+
+
+def encode(params, batch: Mapping[str, Any], config: BertConfig, *,
+           dropout_rng: Optional[Array] = None) -> EncoderOutput:
+    """Run the encoder. `params` is either a full tree ({"bert": ..., head: ...}) or the `bert` tree.
+    Dropout is active only when `dropout_rng` is given."""
+    check_batch(batch, config)
+    bert_params = params["bert"] if "bert" in params else params
+    module = BertEncoder(config, deterministic=dropout_rng is None)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return module.apply({"params": bert_params}, **encoder_inputs(batch),
+                        cls_positions=batch.get("cls_positions"), rngs=rngs)
