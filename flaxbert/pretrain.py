@@ -1,0 +1,82 @@
+"""`python -m flaxbert.pretrain [--config NAME|PATH] [--section.key=value ...]`: BERT pretraining.
+
+With no arguments it pretrains the tiny model on the corpus shipped in the package (a few minutes on a
+laptop CPU) and writes checkpoints, metrics.jsonl, TensorBoard events and metrics.png to runs/tiny.
+Rerunning the same command resumes from the latest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+USAGE = """usage: python -m flaxbert.pretrain [--config NAME|PATH] [--init_from HF_DIR] [--section.key=value ...]
+
+  --config       a YAML file, or a name in configs/ (tiny, bert_base_phase1, bert_large_phase2, ...)
+  --init_from    continue pretraining from a Hugging Face BERT checkpoint dir (same as --run.init_from)
+  --section.key  override any field, e.g. --optim.lr=1e-4 --mesh.fsdp=8 --run.steps=1000
+
+sections: model, data, optim, mesh, run, checkpoint (see flaxbert/run_config.py and docs/training.md)
+"""
+
+
+def parse_args(argv: Sequence[str]):
+    """(config name, overrides) from argv; `--init_from X` is shorthand for `--run.init_from=X`."""
+    config, overrides, args = "", [], list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "--init_from", "--init-from"):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise SystemExit(f"{name} needs a value\n\n{USAGE}")
+                value, i = args[i + 1], i + 1
+            if name == "--config":
+                config = value
+            else:
+                overrides.append(f"--run.init_from={value}")
+        elif arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        else:
+            overrides.append(arg)
+        i += 1
+    return config, overrides
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from flaxbert import run_config as rc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = rc.load(*parse_args(sys.argv[1:] if argv is None else argv))
+    except rc.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from flaxbert.train import loop  # imports jax: after the config is known to be good
+
+    loop.initialize_distributed(cfg.run)
+    from flaxbert.data import DataError
+    from flaxbert.train import pretraining
+
+    try:
+        cfg, task = pretraining.build_task(cfg)
+    except (rc.ConfigError, DataError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    result = loop.train(cfg, task)
+    m = result.last_metrics
+    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "mlm_accuracy", "nsp_accuracy", "eval_mlm_accuracy")
+                        if k in m)
+    print(f"{result.reason} at step {result.step}: {summary}. Outputs in {cfg.run.output_dir}"
+          + (f"\n{result.message}" if result.message else ""))
+    return 1 if result.reason == "nonfinite" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""The composed, frozen run configuration: YAML files in `configs/` plus dotted CLI overrides.
+
+`RunConfig()` with no arguments is the demo (tiny model on the packaged corpus). A YAML file names
+sections (`model`, `data`, `optim`, `mesh`, `run`, `checkpoint`); `--section.key=value` overrides
+any field. Unknown keys are an error naming the key and the nearest valid one. `validate_for_run`
+checks the settings that need the device count or the vocabulary, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from flaxbert.config import BertConfig, ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from. Empty paths mean: the corpus shipped in the package, a vocabulary
+    trained on the spot, and prepared dirs under `run.output_dir` (reused when a run resumes)."""
+
+    corpus: str = ""  # corpus spec(s) for flaxbert.data, comma separated; "" = the packaged meditations.txt
+    format: str = ""  # corpus format (bert, lines, wikitext, jsonl, ...); "" = guess from the name
+    vocab: str = ""  # tokenizer dir / vocab.txt; "" = train a WordPiece vocab of model.vocab_size tokens
+    prepared_dir: str = ""  # already prepared data (`flaxbert.data prepare`); "" = prepare the corpus
+    eval_prepared_dir: str = ""  # held-out prepared data; "" = hold out eval_fraction of the corpus documents
+    eval_fraction: float = 0.05
+    seq_len: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 1
+    whole_word_masking: bool = False
+    masking: str = "dynamic"  # static (masks written by prepare) | dynamic (new masks every epoch)
+    packed: bool = False  # pack several instances per row
+    lowercase: bool = True  # for a vocabulary trained on the spot
+    seed: int = 12345  # data order and masking; independent of run.seed
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW as BERT uses it (eps 1e-6, decay 0.01, none on LayerNorm/biases) or LAMB; warmup + decay."""
+
+    name: str = "adamw"  # adamw | lamb
+    lr: float = 1e-3
+    end_lr: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "linear"  # linear | polynomial | constant
+    power: float = 1.0  # polynomial decay power (1.0 == linear)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    freeze_encoder: bool = False  # train only the head (the `bert` subtree gets zero updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ('data', 'fsdp', 'tensor'); -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def resolve(self, device_count: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        names = ("data", "fsdp", "tensor")
+        for name, size in zip(names, sizes):
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{name} must be a positive integer or -1, got {size}")
+        if sizes.count(-1) > 1:
+            raise ConfigError("only one of mesh.data/fsdp/tensor may be -1")
+        known = 1
+        for size in sizes:
+            if size != -1:
+                known *= size
+        if -1 in sizes:
+            if device_count % known:
+                raise ConfigError(f"mesh {dict(zip(names, sizes))}: {device_count} devices are not divisible by "
+                                  f"the fixed axes' product {known}")
+            sizes[sizes.index(-1)] = device_count // known
+        if sizes[0] * sizes[1] * sizes[2] != device_count:
+            raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                              f"{sizes[0] * sizes[1] * sizes[2]} devices, but {device_count} are available")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # keep the last K
+    async_save: bool = True
+    resume: bool = True  # resume from the latest good checkpoint in run.output_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The loop: how long, how big, where to, how often to log and evaluate."""
+
+    output_dir: str = "runs/tiny"
+    steps: int = 1000
+    global_batch_size: int = 32  # sequences per optimizer step, over all hosts and microbatches
+    grad_accum: int = 1  # microbatches per step
+    seed: int = 0  # parameter init and dropout
+    step_impl: str = "sharded"  # sharded (jit over a mesh) | pmap (classic data parallel)
+    log_every: int = 10
+    eval_every: int = 250  # 0 disables held-out evaluation
+    eval_batches: int = 8
+    nan_policy: str = "stop"  # stop | skip (skip leaves the state unchanged for a non-finite step)
+    init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device in the table
+    progress: bool = True  # tqdm progress bar on process 0
+    coordinator_address: str = ""  # multi-host outside TPU VMs: host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: BertConfig = BertConfig.tiny(vocab_size=4096, max_position_embeddings=128)
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunSettings = RunSettings()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self):
+        self._check_static()
+
+    def _check_static(self) -> None:
+        o, r, d = self.optim, self.run, self.data
+        choices = {("optim", "name"): ("adamw", "lamb"), ("optim", "decay"): ("linear", "polynomial", "constant"),
+                   ("run", "step_impl"): ("sharded", "pmap"), ("run", "nan_policy"): ("stop", "skip"),
+                   ("data", "masking"): ("static", "dynamic")}
+        for (section, key), allowed in choices.items():
+            value = getattr(getattr(self, section), key)
+            if value not in allowed:
+                raise ConfigError(f"{section}.{key}={value!r} is not one of {allowed}")
+        positive = {"run.steps": r.steps, "run.global_batch_size": r.global_batch_size,
+                    "run.grad_accum": r.grad_accum, "run.log_every": r.log_every,
+                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
+                    "data.seq_len": d.seq_len, "data.max_predictions_per_seq": d.max_predictions_per_seq,
+                    "data.dupe_factor": d.dupe_factor}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if o.lr <= 0 or o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
+            raise ConfigError(f"optim: lr must be > 0 and warmup_steps, clip_norm, weight_decay >= 0 "
+                              f"(got lr={o.lr}, warmup_steps={o.warmup_steps}, clip_norm={o.clip_norm}, "
+                              f"weight_decay={o.weight_decay})")
+        if r.global_batch_size % r.grad_accum:
+            raise ConfigError(f"run.global_batch_size={r.global_batch_size} is not divisible by "
+                              f"run.grad_accum={r.grad_accum}")
+        if d.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={d.seq_len} is longer than model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}")
+        if not 0 < d.masked_lm_prob < 1 or not 0 <= d.eval_fraction < 1:
+            raise ConfigError(f"data.masked_lm_prob must be in (0, 1) and data.eval_fraction in [0, 1) "
+                              f"(got {d.masked_lm_prob}, {d.eval_fraction})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = {"model": BertConfig, "data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
+                  "run": RunSettings, "checkpoint": CheckpointConfig}
+# `model.preset` picks the BertConfig preset that the other model keys override.
+_EXTRA_KEYS = {"model": ("preset",)}
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for section, cls in _SECTION_TYPES.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+        keys += [f"{section}.{k}" for k in _EXTRA_KEYS.get(section, ())]
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type; error naming the key otherwise."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Optional": Optional, **vars(typing)})  # annotations are strings here
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        annotation = args[0]
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _model_from(values: Mapping[str, Any], base: BertConfig) -> BertConfig:
+    values = dict(values)
+    preset = values.pop("preset", None)
+    fields = _fields(BertConfig)
+    for key in values:
+        if key not in fields:
+            raise _unknown(f"model.{key}")
+    typed = {k: _coerce(f"model.{k}", v, fields[k].type) for k, v in values.items()}
+    if preset is not None:
+        return BertConfig.preset(str(preset), **typed)
+    return base.replace(**typed)
+
+
+def from_dict(tree: Mapping[str, Any], base: Optional[RunConfig] = None) -> RunConfig:
+    """Apply a nested {section: {key: value}} mapping on top of `base` (default: the demo)."""
+    base = base or RunConfig()
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"a run config must be a mapping of sections, got {type(tree).__name__}")
+    sections = {}
+    for section, values in tree.items():
+        if section not in _SECTION_TYPES:
+            first = next(iter(values), None) if isinstance(values, Mapping) else None
+            raise _unknown(f"{section}.{first}" if first is not None else str(section))
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        if section == "model":
+            sections["model"] = _model_from(values, base.model)
+            continue
+        cls, fields = _SECTION_TYPES[section], _fields(_SECTION_TYPES[section])
+        for key in values:
+            if key not in fields:
+                raise _unknown(f"{section}.{key}")
+        typed = {k: _coerce(f"{section}.{k}", v, fields[k].type) for k, v in values.items()}
+        sections[section] = dataclasses.replace(getattr(base, section), **typed)
+    return dataclasses.replace(base, **sections)
+
+
+def resolve_config_path(name: str) -> str:
+    """A path, or a name in configs/ (`bert_base_phase1` -> configs/bert_base_phase1.yaml)."""
+    candidates = [name, os.path.join("configs", name), os.path.join(CONFIG_DIR, name)]
+    candidates += [c + ".yaml" for c in candidates]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError(f"config {name!r} not found (looked in ./, ./configs/ and {CONFIG_DIR}; known: {names})")
+
+
+def load_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """['--optim.lr=1e-4', '--mesh.data', '8'] -> {'optim': {'lr': 1e-4}, 'mesh': {'data': 8}}."""
+    tree: dict = {}
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} has no value (use --{key}=VALUE)")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        if "." not in key:
+            raise _unknown(key)
+        section, _, field = key.partition(".")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        tree.setdefault(section, {})[field] = parsed
+    return tree
+
+
+def load(config: str = "", overrides: Sequence[str] = ()) -> RunConfig:
+    """The demo defaults, then the YAML file (if any), then the CLI overrides."""
+    cfg = RunConfig()
+    if config:
+        cfg = from_dict(load_yaml(resolve_config_path(config)), cfg)
+    return from_dict(parse_overrides(overrides), cfg)
+
+
+def validate_for_run(cfg: RunConfig, device_count: int, vocab_size: Optional[int] = None) -> tuple[int, int, int]:
+    """Checks that need the devices or the vocabulary; returns the resolved mesh (data, fsdp, tensor)."""
+    data, fsdp, tensor = cfg.mesh.resolve(device_count)
+    r = cfg.run
+    if r.step_impl == "pmap" and (fsdp, tensor) != (1, 1):
+        raise ConfigError(f"run.step_impl=pmap is data-parallel only; mesh.fsdp={fsdp} and mesh.tensor={tensor} "
+                          f"must be 1")
+    data_parallel = data * fsdp
+    micro = r.global_batch_size // r.grad_accum
+    if micro % data_parallel:
+        raise ConfigError(f"run.global_batch_size={r.global_batch_size} / run.grad_accum={r.grad_accum} = {micro} "
+                          f"sequences per microbatch is not divisible by the data-parallel size "
+                          f"mesh.data x mesh.fsdp = {data_parallel}")
+    if vocab_size is not None and vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the vocabulary has {vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set --model.vocab_size={vocab_size} (or larger)")
+    return data, fsdp, tensor
+
+
+def save(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config (loadable with `load(path)`)."""
+    from etils import epath
+
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(cfg.to_yaml())

@@ -1,0 +1,1 @@
+"""The training engine: optimizer, sharded/pmap train step, orbax checkpoints, metrics and the loop."""

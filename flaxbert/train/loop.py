@@ -1,0 +1,276 @@
+"""The training loop, shared by pretraining and fine-tuning: mesh and sharded state, resume, the jitted
+step, logging/eval/checkpoints, NaN handling and clean preemption (SIGTERM/SIGINT)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flaxbert import run_config as rc
+from flaxbert import sharding as shd
+from flaxbert.train import checkpoint as ckpt
+from flaxbert.train import metrics as mx
+from flaxbert.train import optim
+from flaxbert.train import step as st
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything model- and data-specific that the loop trains."""
+
+    init_params: Callable[[jax.Array], Any]  # rng -> fresh float32 params
+    logical_axes: Any  # tree of logical PartitionSpecs matching init_params' output
+    loss_fn: st.LossFn  # see flaxbert/train/step.py
+    train_batches: Iterator[dict]  # host-local numpy batches (this host's share); get_state()/set_state()
+    seq_len: int
+    flops_per_token: float = 0.0  # for MFU; 0 = not reported
+    eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # a fresh pass over held-out host-local batches
+    initial_params: Any = None  # host arrays to start from (e.g. an HF checkpoint) instead of init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    step: int  # optimizer steps done
+    reason: str  # finished | preempted | nonfinite
+    last_metrics: dict
+    message: str = ""
+
+
+def initialize_distributed(run: rc.RunSettings) -> None:
+    """Multi-host setup before any device is touched: explicit coordinator settings, or jax's own
+    detection on TPU pods / SLURM; nothing for a single process."""
+    if run.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=run.coordinator_address, num_processes=run.num_processes,
+                                   process_id=run.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves at the current step and exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no preemption handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal is not polite
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_process(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def _mean_records(window: list[dict]) -> dict:
+    return {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "finite"}
+
+
+class _Engine:
+    """Holds the compiled step in one of two layouts (sharded jit over the mesh, or pmap)."""
+
+    def __init__(self, cfg: rc.RunConfig, task: Task, mesh, optimizer, schedule, shardings):
+        self.cfg, self.mesh, self.shardings = cfg, mesh, shardings
+        r = cfg.run
+        dropout = True
+        if r.step_impl == "pmap":
+            self.n = jax.local_device_count()
+            self.fn = st.make_pmap_step(task.loss_fn, optimizer, grad_accum=r.grad_accum, schedule=schedule,
+                                        nan_policy=r.nan_policy, dropout=dropout)
+            self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(task.loss_fn, p, b), st.PMAP_AXIS),
+                                    axis_name=st.PMAP_AXIS)
+        else:
+            self.fn = st.make_sharded_step(task.loss_fn, optimizer, mesh, shardings, grad_accum=r.grad_accum,
+                                           schedule=schedule, nan_policy=r.nan_policy, dropout=dropout)
+            self.eval_fn = jax.jit(lambda p, b: st.eval_stats(task.loss_fn, p, b),
+                                   in_shardings=(shardings.params, shd.batch_sharding(mesh)),
+                                   out_shardings=shd.replicated(mesh))
+
+    def to_engine(self, state):
+        if self.cfg.run.step_impl == "pmap":
+            return st.replicate(jax.device_get(state), self.n)
+        return state
+
+    def to_global(self, state):
+        """The engine's state in the checkpoint layout (sharded global arrays)."""
+        if self.cfg.run.step_impl != "pmap":
+            return state
+        host = st.unreplicate(state)
+        return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
+                            host, self.shardings)
+
+    def step(self, state, batch):
+        if self.cfg.run.step_impl == "pmap":
+            state, m = self.fn(state, shd.to_pmap(batch, self.n))
+            return state, jax.tree.map(lambda x: x[0], m)
+        return self.fn(state, shd.to_global(batch, self.mesh))
+
+    def evaluate(self, state, batches: Iterable[dict], limit: int) -> dict:
+        total = None
+        for i, batch in enumerate(batches):
+            if i >= limit:
+                break
+            if self.cfg.run.step_impl == "pmap":
+                stats = jax.tree.map(lambda x: x[0], self.eval_fn(state.params, shd.to_pmap(batch, self.n)))
+            else:
+                stats = self.eval_fn(state.params, shd.to_global(batch, self.mesh))
+            stats = jax.device_get(stats)
+            total = stats if total is None else jax.tree.map(np.add, total, stats)
+        return {k: float(v) for k, v in st.summarize(total).items()} if total is not None else {}
+
+
+def train(cfg: rc.RunConfig, task: Task) -> Result:
+    r, c = cfg.run, cfg.checkpoint
+    resolved_mesh = rc.validate_for_run(cfg, jax.device_count())
+    mesh = shd.make_mesh(*resolved_mesh)
+    is_main = jax.process_index() == 0
+    schedule = optim.schedule(cfg.optim, r.steps)
+    optimizer = optim.make_optimizer(cfg.optim, r.steps)
+
+    abstract = st.abstract_state(task.init_params, optimizer, r.seed)
+    param_sh = shd.param_shardings(task.logical_axes, abstract.params, mesh)
+    shardings = st.state_shardings(abstract, param_sh, optimizer, mesh)
+    checkpointer = ckpt.Checkpointer(os.path.join(r.output_dir, "checkpoints"), keep=c.keep, async_save=c.async_save)
+    restored = None
+    if c.resume:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        restored = checkpointer.restore_latest(target)
+    if restored is not None:
+        state, data_state, _ = restored
+        task.train_batches.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+    else:
+        state, _ = st.init_sharded_state(task.init_params, task.logical_axes, optimizer, mesh, r.seed,
+                                         params=task.initial_params)
+    if is_main:
+        rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
+
+    engine = _Engine(cfg, task, mesh, optimizer, schedule, shardings)
+    writer = mx.MetricsWriter(r.output_dir, enabled=is_main)
+    peak = mx.peak_flops(jax.devices()[0].device_kind, r.peak_flops)
+    start = int(state.step)
+    state = engine.to_engine(state)
+    bar = None
+    if is_main and r.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=r.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
+    last: dict = {}
+    last_saved = start if restored is not None else -1
+    timer = {"t": time.perf_counter(), "steps": 0, "compiled": False}
+    skipped = 0
+
+    def flush() -> Optional[str]:
+        """Fetch pending metrics, log them; returns a diagnostic if a step was non-finite."""
+        nonlocal last, skipped
+        if not pending:
+            return None
+        fetched = [(s, jax.device_get(m)) for s, m in pending]
+        pending.clear()
+        now = time.perf_counter()
+        window = []
+        for s, m in fetched:
+            if not bool(m["finite"]):
+                if r.nan_policy == "stop":
+                    return (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
+                            f"grad_norm={float(m['grad_norm'])})")
+                skipped += 1
+                log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)", s, skipped)
+                continue
+            window.append(m)
+        if window:
+            record = _mean_records(window)
+            if timer["compiled"] and timer["steps"]:
+                record.update(mx.throughput((now - timer["t"]) / timer["steps"], r.global_batch_size, task.seq_len,
+                                            task.flops_per_token, jax.device_count(), peak))
+            last = record
+            writer.write(fetched[-1][0], record)
+            if bar is not None:
+                post = {"loss": f"{record['loss']:.3f}"}
+                for key, short in (("mlm_accuracy", "mlm_acc"), ("nsp_accuracy", "nsp_acc")):
+                    if key in record:
+                        post[short] = f"{record[key]:.3f}"
+                if "tokens_per_sec" in record:
+                    post["tok/s"] = f"{record['tokens_per_sec']:.0f}"
+                bar.set_postfix(post, refresh=False)
+        timer.update(t=now, steps=0, compiled=True)
+        return None
+
+    def save(step_now: int) -> None:
+        nonlocal last_saved
+        checkpointer.save(step_now, engine.to_global(state), task.train_batches.get_state())
+        last_saved = step_now
+
+    reason, message = "finished", ""
+    with _StopFlag() as stop:
+        step_now = start
+        while step_now < r.steps:
+            batch = next(task.train_batches)
+            state, m = engine.step(state, batch)
+            step_now += 1
+            pending.append((step_now, m))
+            timer["steps"] += 1
+            if bar is not None:
+                bar.update(1)
+            at_log = step_now % r.log_every == 0 or step_now == r.steps or not timer["compiled"]
+            at_save = step_now % c.every == 0 or step_now == r.steps
+            preempt = stop.signal is not None if jax.process_count() == 1 else (at_log and stop.any_process())
+            if at_log or at_save or preempt:
+                if not timer["compiled"]:
+                    jax.block_until_ready(m)
+                problem = flush()
+                if problem:
+                    reason = "nonfinite"
+                    good = checkpointer.all_steps()
+                    message = (f"{problem}; stopping. The last good checkpoint is "
+                               f"{'step ' + str(good[-1]) if good else 'none'} in {checkpointer.directory}")
+                    break
+            if preempt:
+                save(step_now)
+                reason = "preempted"
+                message = f"signal received: saved a checkpoint at step {step_now}"
+                break
+            if at_save:
+                save(step_now)
+            if task.eval_batches is not None and r.eval_every and (step_now % r.eval_every == 0 or step_now == r.steps):
+                ev = engine.evaluate(state, task.eval_batches(), r.eval_batches)
+                if ev:
+                    writer.write(step_now, ev, split="eval")
+                    last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
+                timer["t"] = time.perf_counter()  # keep eval time out of the throughput
+    if bar is not None:
+        bar.close()
+    checkpointer.close()
+    writer.close()
+    if is_main and os.path.exists(writer.path):
+        mx.plot(writer.path, os.path.join(r.output_dir, "metrics.png"))
+    if message:
+        (log.error if reason == "nonfinite" else log.warning)(message)
+    return Result(step=step_now, reason=reason, last_metrics=last, message=message)

@@ -1,0 +1,115 @@
+"""Training metrics sinks (metrics.jsonl, TensorBoard via tensorboardX, a PNG of the curves) and
+throughput/MFU accounting. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Mapping, Optional
+
+# Peak dense bf16 FLOP/s per *JAX device* (a TPU v2/v3 device is one core; v4 and later one chip).
+# Matched as a case-insensitive substring of `device.device_kind`, most specific first.
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12),  # Trillium / v6e
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 61.5e12),
+    ("TPU v2", 22.5e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+)
+
+
+def peak_flops(device_kind: str, override: float = 0.0) -> Optional[float]:
+    """Per-device peak FLOP/s for MFU: the override if given, else the table; None if unknown (CPU)."""
+    if override > 0:
+        return override
+    kind = device_kind.lower()
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in kind:
+            return flops
+    return None
+
+
+def throughput(step_seconds: float, sequences: int, seq_len: int, flops_per_token: float, devices: int,
+               peak: Optional[float]) -> dict:
+    """seq/s, tokens/s (all positions) and MFU = achieved model FLOP/s / (peak x devices)."""
+    tokens = sequences * seq_len
+    out = {"step_time": step_seconds, "seq_per_sec": sequences / step_seconds, "tokens_per_sec": tokens / step_seconds}
+    if peak:
+        out["mfu"] = flops_per_token * out["tokens_per_sec"] / (peak * devices)
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split}
+        record.update({k: float(v) for k, v in metrics.items()})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            if math.isfinite(float(v)):
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def latest_by_step(records: Iterable[dict], split: str = "train") -> dict[int, dict]:
+    """The last record of each step (a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r for r in records if r.get("split") == split}
+
+
+def plot(jsonl_path: str, png_path: str) -> str:
+    """PNG of loss, MLM/NSP accuracy (train and eval) and the learning rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(jsonl_path)
+    panels = [("loss", ("loss", "mlm_loss", "nsp_loss")), ("accuracy", ("mlm_accuracy", "nsp_accuracy")),
+              ("learning rate", ("lr",))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for split, style in (("train", "-"), ("eval", "o--")):
+            rows = sorted(latest_by_step(records, split).values(), key=lambda r: r["step"])
+            for key in keys:
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, style, label=f"{split} {key}", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

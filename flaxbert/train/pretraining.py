@@ -1,0 +1,131 @@
+"""The pretraining task for the generic loop: MLM + NSP loss as (sum, weight) terms, and the data wiring
+(vocabulary trained on the spot, corpus split and prepared once under the output dir, grain loaders)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from importlib import resources
+from typing import Optional
+
+import jax
+from jax.experimental import multihost_utils
+
+from flaxbert import heads
+from flaxbert import run_config as rc
+from flaxbert.config import BertConfig
+from flaxbert.losses import pretraining_losses
+from flaxbert.train.loop import Task
+from flaxbert.train.step import LossOutput
+
+
+def make_loss_fn(config: BertConfig):
+    """loss = mean MLM cross-entropy + mean NSP cross-entropy (google-research/bert), with accuracies."""
+    def loss_fn(params, batch, dropout_rng):
+        out = heads.apply_head(params, batch, config, head="pretraining", dropout_rng=dropout_rng)
+        losses = pretraining_losses(out, batch)
+        return LossOutput(terms={k: (t.loss_sum, t.weight) for k, t in losses.items()},
+                          metrics={f"{k}_accuracy": (t.correct, t.weight) for k, t in losses.items()})
+    return loss_fn
+
+
+def packaged_corpus() -> str:
+    """Marcus Aurelius, *Meditations* (public domain), one paragraph per line: the demo corpus."""
+    return str(resources.files("flaxbert") / "resources" / "meditations.txt")
+
+
+def _corpus(d: rc.DataConfig) -> tuple[list[str], Optional[str]]:
+    if d.corpus:
+        return [c for c in d.corpus.split(",") if c], d.format or None
+    return [packaged_corpus()], d.format or "lines"
+
+
+def split_documents(specs, fmt, eval_fraction: float, out_dir: str) -> tuple[str, Optional[str]]:
+    """Write every round(1/eval_fraction)-th document to eval.txt and the rest to train.txt (BERT format:
+    one sentence per line, a blank line between documents)."""
+    from flaxbert.data.corpus import read_documents
+
+    os.makedirs(out_dir, exist_ok=True)
+    every = round(1 / eval_fraction) if eval_fraction > 0 else 0
+    paths = {"train": os.path.join(out_dir, "train.txt"), "eval": os.path.join(out_dir, "eval.txt")}
+    files = {k: open(p, "w", encoding="utf-8") for k, p in paths.items()}
+    try:
+        for i, doc in enumerate(read_documents(specs, fmt)):
+            split = "eval" if every and i % every == every - 1 else "train"
+            files[split].write("\n".join(doc.sentences) + "\n\n")
+    finally:
+        for f in files.values():
+            f.close()
+    return paths["train"], (paths["eval"] if every else None)
+
+
+def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[str]]:
+    """Prepared train/eval dirs: given ones, or built once under output_dir (process 0) and reused."""
+    from flaxbert import data, vocab
+
+    d, out = cfg.data, cfg.run.output_dir
+    if d.prepared_dir:
+        return d.prepared_dir, d.eval_prepared_dir or None
+    train_dir, eval_dir = os.path.join(out, "prepared", "train"), os.path.join(out, "prepared", "eval")
+    done = os.path.join(train_dir, "manifest.json")
+    if jax.process_index() == 0 and not os.path.exists(done):
+        specs, fmt = _corpus(d)
+        train_txt, eval_txt = split_documents(specs, fmt, d.eval_fraction, os.path.join(out, "prepared", "text"))
+        tokenizer = d.vocab or os.path.join(out, "vocab")
+        if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
+            vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase, corpus_format="bert")
+        kw = dict(max_seq_length=d.seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
+                  masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor,
+                  whole_word_masking=d.whole_word_masking, seed=d.seed, model_vocab_size=model.vocab_size,
+                  overwrite=True, progress=False, corpus_format="bert")
+        if eval_txt:
+            data.prepare(eval_txt, tokenizer, eval_dir, **kw)
+        data.prepare(train_txt, tokenizer, train_dir, **kw)  # written last: its manifest marks "done"
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("flaxbert_prepare")
+    return train_dir, (eval_dir if os.path.exists(os.path.join(eval_dir, "manifest.json")) else None)
+
+
+def model_config(cfg: rc.RunConfig):
+    """(BertConfig, initial params or None): from `run.init_from` (an HF checkpoint dir, keeping this run's
+    flaxbert-only settings such as dtype and remat) or from the `model` section."""
+    if not cfg.run.init_from:
+        return cfg.model, None
+    from flaxbert import hf
+
+    keep = {k: getattr(cfg.model, k) for k in ("dtype", "attention_impl", "scan_layers", "remat_policy")}
+    loaded = hf.load_pretrained(cfg.run.init_from, head="pretraining", config_overrides=keep,
+                                load_tokenizer=False)
+    return loaded.config, loaded.params
+
+
+def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
+    """Everything the loop needs for MLM+NSP pretraining; errors in the config or data surface here,
+    before anything compiles."""
+    from flaxbert import data
+
+    model, initial = model_config(cfg)
+    cfg = dataclasses.replace(cfg, model=model)  # re-runs the static checks against the loaded model
+    rc.validate_for_run(cfg, jax.device_count())
+    train_dir, eval_dir = _prepare_data(cfg, model)
+    manifest = data.load_manifest(train_dir)
+    rc.validate_for_run(cfg, jax.device_count(), vocab_size=manifest["vocab_size"])
+    if manifest["max_seq_length"] > model.max_position_embeddings:
+        raise rc.ConfigError(f"{train_dir} was prepared with seq length {manifest['max_seq_length']}, longer than "
+                             f"model.max_position_embeddings={model.max_position_embeddings}")
+    d, per_host = cfg.data, cfg.run.global_batch_size // jax.process_count()
+    common = dict(batch_size=per_host, process_index=jax.process_index(), process_count=jax.process_count(),
+                  masking=d.masking, packed=d.packed)
+    loader = data.make_loader(train_dir, seed=d.seed, **common)
+    eval_batches = None
+    if eval_dir:
+        eval_manifest = data.load_manifest(eval_dir)
+        if eval_manifest["counts"]["instances"] >= cfg.run.global_batch_size:
+            eval_batches = lambda: data.make_loader(eval_dir, seed=0, shuffle=False, num_epochs=1,  # noqa: E731
+                                                    **{**common, "masking": "static"})
+    seq = manifest["max_seq_length"]
+    task = Task(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
+                logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model),
+                train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
+                flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
+    return cfg, task
