@@ -38,6 +38,15 @@ def f1_binary(y_true, y_pred, pos_label=1) -> float:
     return float(2 * tp / denom) if denom else 0.0
 
 
+def f1_macro(y_true, y_pred, num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over classes that occur in y_true or y_pred (as sklearn)."""
+    cm = confusion_matrix(y_true, y_pred, num_labels)
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
+    return float(f1.mean()) if f1.size else 0.0
+
+
 def matthews_corrcoef(y_true, y_pred) -> float:
     """Multiclass Matthews correlation (Gorodkin's R_K, as sklearn); 0 when undefined."""
     t, p = _as_int_arrays(y_true, y_pred)

@@ -24,6 +24,7 @@ def test_classification_metrics_match_sklearn(seed):
     assert metrics.accuracy(t, p) == pytest.approx(sklearn.metrics.accuracy_score(t, p))
     assert metrics.matthews_corrcoef(t, p) == pytest.approx(sklearn.metrics.matthews_corrcoef(t, p))
     assert np.array_equal(metrics.confusion_matrix(t, p, k), sklearn.metrics.confusion_matrix(t, p, labels=range(k)))
+    assert metrics.f1_macro(t, p, k + 1) == pytest.approx(sklearn.metrics.f1_score(t, p, average="macro"))
     tb, pb = t % 2, p % 2
     assert metrics.f1_binary(tb, pb) == pytest.approx(sklearn.metrics.f1_score(tb, pb))
 

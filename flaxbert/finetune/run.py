@@ -1,0 +1,341 @@
+"""Fine-tuning driver: config, model loading, the task loss for the shared train step, epochs over
+bucketed batches, evaluation on the dev sets, best-checkpoint selection and the output files.
+
+The step, optimizer, checkpointer and metrics writer are the training engine's (`flaxbert.train`);
+this module only supplies the task's `loss_fn` and decides when to evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from flaxbert import hf, run_config
+from flaxbert.config import ConfigError
+from flaxbert.finetune import batching
+from flaxbert.finetune import evaluate as E
+from flaxbert.finetune import features as F
+from flaxbert.finetune.data import Columns, FeatureSettings, TaskData, load_task_data, make_features
+from flaxbert.finetune.readers import DataError
+from flaxbert.finetune.tasks import Task, get_task
+from flaxbert.heads import apply_head, init, logical_axes
+from flaxbert.losses import cross_entropy, mean_squared_error, span_loss
+from flaxbert.sharding import make_mesh, to_global
+from flaxbert.train import optim
+from flaxbert.train.checkpoint import Checkpointer
+from flaxbert.train.metrics import MetricsWriter
+from flaxbert.train.step import LossOutput, init_sharded_state, make_sharded_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """The `task` section of a fine-tuning config (the other sections are `flaxbert.run_config`'s)."""
+
+    name: str = ""  # a registered task (sst2, conll2003, squad, text_classification, ...); see tasks.TASKS
+    model: str = ""  # HF model directory, or a directory written by a previous fine-tuning run
+    data: str = ""  # directory | files (a.csv,b.csv or train=a,dev=b) | saved/named HF dataset | tfds:NAME
+    text_column: str = "text"  # custom tasks: column names
+    text_pair_column: str = ""
+    label_column: str = "label"
+    max_length: int = 128  # tokens per sequence (longer ones are truncated)
+    epochs: float = 3.0  # may be fractional
+    max_train_examples: int = 0  # > 0: the first N training examples only
+    max_eval_examples: int = 0
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup (sets optim.warmup_steps)
+    evals_per_epoch: int = 1
+    bucket_min: int = 16  # smallest length bucket; buckets double up to max_length
+    pad_to_max: bool = False  # pad every batch to max_length (the baseline bucketing is compared with)
+    on_head_mismatch: str = "reinit"  # a checkpoint head with another label count: reinit (notice) | error
+    label_all_tokens: bool = False  # NER: train on every sub-token, not only on each word's first
+    ner_scheme: str = ""  # "" = conlleval/seqeval default decoding | IOB2 | IOB1 (strict)
+    doc_stride: int = 128  # QA
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    version_2: bool = False  # SQuAD 2.0: unanswerable questions, null threshold tuned on dev
+    save_state: bool = False  # also write orbax checkpoints of the train state at every evaluation
+    save_model: bool = True  # write the best model as a HF directory (output_dir/best_model)
+
+    def feature_settings(self) -> FeatureSettings:
+        qa = F.QASettings(self.max_length, self.doc_stride, self.max_query_length, self.n_best_size,
+                          self.max_answer_length)
+        return FeatureSettings(self.max_length, self.label_all_tokens, qa)
+
+
+FINETUNE_DEFAULTS = {"optim": {"lr": 5e-5, "warmup_steps": 0, "weight_decay": 0.01},
+                     "run": {"output_dir": "runs/finetune", "global_batch_size": 32, "log_every": 50},
+                     "model": {"max_position_embeddings": 512}}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    task: TaskSettings
+    run: run_config.RunConfig  # optim, run (output_dir, batch size, seed, ...), checkpoint, mesh
+
+    def to_dict(self) -> dict:
+        d = self.run.to_dict()
+        d.pop("data")
+        d.pop("model")  # the model comes from task.model
+        return {"task": dataclasses.asdict(self.task), **d}
+
+
+def load_config(config: str = "", overrides: Sequence[str] = (), tree: Optional[Mapping] = None) -> FinetuneConfig:
+    """Defaults, then a YAML (`configs/finetune/NAME.yaml` or a path), then `tree`, then
+    `--section.key=value` overrides. The `task` section is validated here, the rest by run_config."""
+    merged: dict = {k: dict(v) for k, v in FINETUNE_DEFAULTS.items()}
+    sources = []
+    if config:
+        path = config if os.path.isfile(config) else run_config.resolve_config_path(os.path.join("finetune", config))
+        sources.append(run_config.load_yaml(path))
+    if tree:
+        sources.append(tree)
+    sources.append(run_config.parse_overrides(list(overrides)))
+    for src in sources:
+        for section, values in src.items():
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            merged.setdefault(section, {}).update(values)
+    task_values = merged.pop("task", {})
+    fields = {f.name: f for f in dataclasses.fields(TaskSettings)}
+    for key in task_values:
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'task.{key}'; valid: {sorted(fields)}")
+    typed = {k: run_config._coerce(f"task.{k}", v, fields[k].type) for k, v in task_values.items()}
+    settings = TaskSettings(**typed)
+    if settings.on_head_mismatch not in ("reinit", "error"):
+        raise ConfigError(f"task.on_head_mismatch must be 'reinit' or 'error', got {settings.on_head_mismatch!r}")
+    if settings.ner_scheme not in ("", "IOB2", "BIO", "IOB1"):
+        raise ConfigError(f"task.ner_scheme must be '', 'IOB2' or 'IOB1', got {settings.ner_scheme!r}")
+    return FinetuneConfig(settings, run_config.from_dict(merged))
+
+
+# ------------------------------------------------------------------------------------------------
+# model and loss
+# ------------------------------------------------------------------------------------------------
+
+
+def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
+    """The encoder (HF directory) with the task's head. A head of another shape in the checkpoint is
+    re-initialised with a notice, or refused, per `on_head_mismatch`. Label names saved with a
+    fine-tuned model fix the label order when they are the same set as the task's."""
+    if not settings.model:
+        raise ConfigError("task.model is empty: give --model <HF model dir | fine-tuned model dir>")
+    num_labels = task.num_labels
+    try:
+        model = hf.load_pretrained(settings.model, head=task.head, num_labels=num_labels,
+                                   on_head_mismatch=settings.on_head_mismatch)
+    except hf.HFLoadError as e:
+        raise DataError(f"{settings.model}: {e}") from None
+    if model.report is not None and model.report.initialized:
+        print(f"notice: {settings.model}: the {task.head} head is newly initialised "
+              f"({len(model.report.initialized)} tensors: {', '.join(model.report.initialized[:4])}"
+              f"{' ...' if len(model.report.initialized) > 4 else ''})", flush=True)
+    if model.tokenizer is None:
+        raise DataError(f"{settings.model}: no tokenizer files (tokenizer.json or vocab.txt) in the model directory")
+    return model
+
+
+def saved_label_order(model: hf.PretrainedModel, task: Task) -> Task:
+    id2label = model.hf_extra.get("id2label")
+    if task.labels and id2label and len(id2label) == len(task.labels):
+        names = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label)))
+        if set(names) == set(task.labels):
+            return task.with_labels(names)
+    return task
+
+
+def make_loss_fn(task: Task, config):
+    """The task's loss as (sum, weight) for the shared step. Filler rows (weight 0) and unscored NER
+    positions (label -100) carry no weight, so the mean is over real labelled tokens only."""
+    head, kind = task.head, task.kind
+
+    def loss_fn(params, batch, dropout_rng):
+        out = apply_head(params, batch, config, head=head, dropout_rng=dropout_rng)
+        w = batch["weight"]
+        if kind == "regression":
+            t = mean_squared_error(out.logits[:, 0], batch["label"], w)
+            return LossOutput(terms={"mse": (t.loss_sum, t.weight)})
+        if kind == "ner":
+            labels = batch["token_labels"]
+            t = cross_entropy(out.logits, jnp.maximum(labels, 0), (labels >= 0) * w[:, None])
+        elif kind == "qa":
+            t = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"], w)
+        else:
+            t = cross_entropy(out.logits, batch["label"], w)
+        return LossOutput(terms={"ce": (t.loss_sum, t.weight)}, metrics={"accuracy": (t.correct, t.weight)})
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    task: Task
+    metrics: dict[str, dict[str, float]]  # eval set -> metrics of the best checkpoint
+    best_step: int
+    train_seconds: float
+    real_tokens_per_sec: float  # non-pad tokens per second of training steps
+    padded_tokens_per_sec: float  # all positions, pad included
+    output_dir: str
+    params: Any = None  # best parameters (host numpy)
+
+
+def _main_metric(task: Task, metrics_by_set: Mapping[str, Mapping[str, float]]) -> float:
+    """The selection metric: unprefixed names refer to the first eval set, `<set>_<metric>` to any."""
+    flat = dict(next(iter(metrics_by_set.values())))
+    for name, m in metrics_by_set.items():
+        flat.update({f"{name}_{k}": v for k, v in m.items()})
+    if task.main_metric not in flat:
+        raise ValueError(f"metric {task.main_metric!r} not among {sorted(flat)}")
+    return float(flat[task.main_metric])
+
+
+def _to_step_batch(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> FinetuneResult:
+    """Train, evaluate every `1/evals_per_epoch` epoch, keep the best parameters on the main dev metric,
+    and write metrics/predictions/plots for each eval set plus the best model."""
+    s, rc = cfg.task, cfg.run
+    out_dir = rc.run.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    task = get_task(s.name)
+    columns = Columns(s.text_column, s.text_pair_column, s.label_column)
+    if task_data is None:
+        task_data = load_task_data(task, s.data, columns=columns, max_train=s.max_train_examples,
+                                   max_eval=s.max_eval_examples)
+    task = task_data.task
+    model = load_model(task, s)
+    task = saved_label_order(model, task)
+    config, tokenizer = model.config, model.tokenizer
+    fs = s.feature_settings()
+    if s.max_length > config.max_position_embeddings:
+        raise ConfigError(f"task.max_length={s.max_length} exceeds the model's max_position_embeddings "
+                          f"({config.max_position_embeddings})")
+    train_features = make_features(task, tokenizer, task_data.train, fs, training=True)
+    eval_features = {name: make_features(task, tokenizer, exs, fs, training=False)
+                     for name, exs in task_data.evals.items()}
+    boundaries = batching.fixed_length_boundaries(s.max_length) if s.pad_to_max else \
+        batching.bucket_boundaries(s.max_length, s.bucket_min)
+    batch_size = rc.run.global_batch_size
+    steps_per_epoch = batching.num_batches(train_features, batch_size, boundaries)
+    total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
+    optim_cfg = dataclasses.replace(rc.optim, warmup_steps=int(s.warmup_ratio * total_steps))
+    tx = optim.make_optimizer(optim_cfg, total_steps)
+    mesh = make_mesh(len(jax.devices()))
+    head, num_labels = task.head, task.num_labels
+    state, shardings = init_sharded_state(lambda r: init(config, r, head, num_labels),
+                                          logical_axes(config, head, num_labels), tx, mesh, rc.run.seed,
+                                          params=model.params)
+    step_fn = make_sharded_step(make_loss_fn(task, config), tx, mesh, shardings,
+                                schedule=optim.schedule(optim_cfg, total_steps), dropout=True)
+    forward = E.make_forward(config, head)
+    writer = MetricsWriter(out_dir)
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=rc.checkpoint.keep) if s.save_state else None
+    eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
+    seq_outputs = task.kind in ("ner", "qa")
+
+    def run_evals(params):
+        results, tokens, seconds = {}, 0, 0.0
+        for name, feats in eval_features.items():
+            outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, seq_outputs,
+                               progress=rc.run.progress, desc=f"eval {name}")
+            tokens, seconds = tokens + outs.real_tokens, seconds + outs.seconds
+            results[name] = E.evaluate(task, task_data.evals[name], feats, outs, fs.qa,
+                                       ner_scheme=s.ner_scheme or None, version_2=s.version_2)
+        return results, tokens / max(seconds, 1e-9)
+
+    print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+          f"buckets {boundaries}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
+    best = (-math.inf, 0, None, None)  # (main metric, step, params, results)
+    step, train_time, real_tokens, all_tokens = 0, 0.0, 0, 0
+    window_tokens, window_time = 0, 0.0
+    bar = None
+    if rc.run.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, desc=f"finetune {task.name}")
+    epoch = 0
+    while step < total_steps:
+        for batch in batching.make_batches(train_features, batch_size, boundaries, shuffle=True,
+                                           seed=rc.run.seed * 1000 + epoch):
+            t0 = time.perf_counter()
+            state, m = step_fn(state, to_global(_to_step_batch(batch), mesh))
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            step += 1
+            n_real = batching.real_tokens(batch)
+            train_time, real_tokens, all_tokens = train_time + dt, real_tokens + n_real, all_tokens + batch["input_ids"].size
+            window_tokens, window_time = window_tokens + n_real, window_time + dt
+            if not bool(m["finite"]):
+                raise FloatingPointError(f"non-finite loss at step {step}; lower optim.lr")
+            if step % rc.run.log_every == 0 or step == total_steps:
+                record = {k: float(v) for k, v in m.items()}
+                record["real_tokens_per_sec"] = window_tokens / max(window_time, 1e-9)
+                writer.write(step, record)
+                window_tokens, window_time = 0, 0.0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+            if step % eval_every == 0 or step == total_steps:
+                results, eval_tps = run_evals(state.params)
+                metrics_by_set = {name: r.metrics for name, r in results.items()}
+                score = _main_metric(task, metrics_by_set)
+                for name, mm in metrics_by_set.items():
+                    writer.write(step, {**{k: v for k, v in mm.items() if isinstance(v, (int, float))},
+                                        "real_tokens_per_sec": eval_tps}, split=f"eval_{name}")
+                print(f"step {step}: {task.main_metric} = {score:.4f} "
+                      f"{json.dumps({n: {k: round(v, 4) for k, v in mm.items()} for n, mm in metrics_by_set.items()})}",
+                      flush=True)
+                if score > best[0]:
+                    best = (score, step, jax.device_get(state.params), results)
+                if checkpointer is not None:
+                    checkpointer.save(step, state, data_state={"epoch": epoch}, extra={task.main_metric: score})
+            if step >= total_steps:
+                break
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    if checkpointer is not None:
+        checkpointer.close()
+    writer.close()
+    _, best_step, best_params, best_results = best
+    summary = {name: r.metrics for name, r in best_results.items()}
+    throughput = {"train_seconds": train_time, "real_tokens_per_sec": real_tokens / max(train_time, 1e-9),
+                  "padded_tokens_per_sec": all_tokens / max(train_time, 1e-9), "steps": step}
+    for name, r in best_results.items():
+        E.write_outputs(r, task, out_dir, name, extra={"best_step": best_step})
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump({"task": task.name, "main_metric": task.main_metric, "best_step": best_step, "eval": summary,
+                   "train": throughput, "labels": list(task.labels or [])}, f, indent=2)
+    with open(os.path.join(out_dir, "finetune_config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if s.save_model:
+        save_model(model, task, best_params, os.path.join(out_dir, "best_model"))
+    return FinetuneResult(task, summary, best_step, train_time, throughput["real_tokens_per_sec"],
+                          throughput["padded_tokens_per_sec"], out_dir, best_params)
+
+
+def save_model(model: hf.PretrainedModel, task: Task, params, out_dir: str) -> None:
+    """A HF directory that `load_pretrained` and `flaxbert.pipeline` read back, with the label names."""
+    extra = dict(model.hf_extra)
+    if task.kind in ("classification", "ner") and task.labels:
+        extra["id2label"] = {str(i): name for i, name in enumerate(task.labels)}
+        extra["label2id"] = {name: i for i, name in enumerate(task.labels)}
+    extra["finetuning_task"] = task.name
+    hf.save_pretrained(dataclasses.replace(model, params=params, head=task.head, hf_extra=extra), out_dir)
