@@ -4,10 +4,12 @@ from flaxbert.config import BertConfig, ConfigError
 from flaxbert.heads import (HEADS, MaskedLMOutput, MultipleChoiceOutput, PretrainingOutput,
                             QuestionAnsweringOutput, SequenceClassifierOutput, TokenClassifierOutput,
                             apply_head, init, logical_axes, param_shapes)
+from flaxbert.hf import HFLoadError, LoadReport, PretrainedModel, load_pretrained, save_pretrained
 from flaxbert.model import EncoderOutput, InputError, encode
 
 __all__ = [
     "BertConfig", "ConfigError", "EncoderOutput", "InputError", "HEADS", "init", "encode", "apply_head",
     "logical_axes", "param_shapes", "PretrainingOutput", "MaskedLMOutput", "SequenceClassifierOutput",
-    "TokenClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput",
+    "TokenClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput", "load_pretrained",
+    "save_pretrained", "PretrainedModel", "LoadReport", "HFLoadError",
 ]

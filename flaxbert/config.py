@@ -135,9 +135,9 @@ class BertConfig:
                   "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
 
     @classmethod
-    def from_hf_config(cls, hf: Any, **overrides) -> "BertConfig":
-        """From a transformers `BertConfig`, a config.json dict, or a path to config.json / a model dir."""
-        source = "config"
+    def from_hf_config(cls, hf: Any, *, source: str = "config", **overrides) -> "BertConfig":
+        """From a transformers `BertConfig`, a config.json dict, or a path to config.json / a model dir.
+        `source` names the origin in error messages."""
         if isinstance(hf, (str, os.PathLike)):
             path = os.fspath(hf)
             if os.path.isdir(path):

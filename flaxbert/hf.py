@@ -428,6 +428,7 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
     if on_head_mismatch not in ("reinit", "error"):
         raise ValueError(f"on_head_mismatch must be 'reinit' or 'error', got {on_head_mismatch!r}")
     model_dir = _resolve_dir(os.fspath(path))
+
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
         raise HFLoadError(f"{model_dir}: no config.json")
@@ -437,9 +438,9 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
         except json.JSONDecodeError as e:
             raise HFLoadError(f"{config_path}: not valid JSON ({e})") from None
     try:
-        config = BertConfig.from_hf_config(hf, **(config_overrides or {}))
+        config = BertConfig.from_hf_config(hf, source=config_path, **(config_overrides or {}))
     except ConfigError as e:
-        raise HFLoadError(f"{config_path}: {e}".replace(f"{config_path}: {config_path}: ", f"{config_path}: ")) from None
+        raise HFLoadError(str(e)) from None
     if head == "auto":
         head = _head_from_config(hf)
     if head is not None and head not in HEADS:
