@@ -115,6 +115,12 @@ def _hf_data(task: Task, data: str, columns: Columns, with_train: bool) -> TaskD
         evals[name], split_names = readers.hf_text_examples(readers.load_hf_split(data, split, config_name),
                                                             f"{data}[{split}]", text, pair, columns.label, regression)
         names = names or split_names
+    if task.labels is not None and names is not None and set(names) != set(task.labels):
+        # GLUE files say 0/1 where HF's ClassLabel says e.g. negative/positive: use the class index
+        index = {name: str(i) for i, name in enumerate(names)}
+        for ex in (train or []) + [ex for exs in evals.values() for ex in exs]:
+            ex.label = None if ex.label is None else index[ex.label]
+        names = None
     return _finish(task, train, evals, names)
 
 
