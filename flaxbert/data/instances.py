@@ -47,8 +47,9 @@ class TokenizedCorpus:
 
     @classmethod
     def load(cls, directory) -> "TokenizedCorpus":
-        return cls(*(np.load(f"{directory}/{name}.npy", mmap_mode="r")
-                     for name in ("tokens", "word_starts", "sentence_offsets", "doc_offsets")))
+        """Tokens memory-mapped; offsets in memory (they are indexed per sentence, where maps are slow)."""
+        return cls(np.load(f"{directory}/tokens.npy", mmap_mode="r"), np.load(f"{directory}/word_starts.npy",
+                   mmap_mode="r"), np.load(f"{directory}/sentence_offsets.npy"), np.load(f"{directory}/doc_offsets.npy"))
 
 
 def tokenize_sentences(backend, sentences: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:

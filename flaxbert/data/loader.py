@@ -9,6 +9,7 @@ epoch gets new masks), optionally packed, and batched. `get_state()` / `set_stat
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -148,13 +149,15 @@ def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, 
                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                 masking: str = "static", packed: bool = False, max_instances_per_row: int = 8,
                 packing_bins: int | None = None, drop_remainder: bool = True, prefetch_threads: int = 2,
-                prefetch_buffer_size: int | None = None, worker_count: int = 0) -> Loader:
+                prefetch_buffer_size: int | None = None) -> Loader:
     """Batches of `batch_size` rows (per process) from a prepared directory, per docs/CONTRACTS.md.
 
     `num_epochs=None` repeats forever (batches then run across epoch boundaries). Each process reads
     `len // process_count` instances (the remainder, under `process_count` instances, is left out so every
     process yields the same number of batches). `packed=True` first-fit packs up to `max_instances_per_row`
-    instances into each row (grain `FirstFitPackIterDataset`); `worker_count > 0` adds grain multiprocessing.
+    instances into each row (grain `FirstFitPackIterDataset`). Reading, masking and padding run in
+    `prefetch_threads` grain threads. (grain's `mp_prefetch` is not offered: with grain 0.2.18 its batches
+    depend on the worker count and its restored state did not resume exactly in our test.)
     """
     import grain
 
@@ -190,11 +193,11 @@ def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, 
     else:
         it = ds.map(functools.partial(padded_row, seq_len=seq_len, max_predictions=max_pred)).to_iter_dataset(options)
         it = it.batch(batch_size, drop_remainder=drop_remainder)
-    if worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    settings = {"prepared": manifest["tokenizer_sha256"] + f"/{len(source)}", "batch_size": batch_size,
+    prepared_id = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "throughput"},
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    settings = {"prepared": prepared_id, "batch_size": batch_size,
                 "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "process_index": process_index,
                 "process_count": process_count, "masking": masking, "packed": packed,
                 "max_instances_per_row": max_instances_per_row, "packing_bins": packing_bins,
-                "drop_remainder": drop_remainder, "worker_count": worker_count}
+                "drop_remainder": drop_remainder}
     return Loader(it, manifest, settings)

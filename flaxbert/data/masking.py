@@ -18,7 +18,7 @@ import numpy as np
 @dataclass(frozen=True)
 class MaskingConfig:
     mask_id: int
-    special_ids: tuple[int, ...]  # never masked (and never used as random replacements)
+    is_special: np.ndarray  # [vocab] bool: never masked (and never used as random replacements)
     replacement_ids: np.ndarray  # ids a "random token" replacement draws from
     masked_lm_prob: float = 0.15
     max_predictions_per_seq: int = 20
@@ -36,7 +36,7 @@ class Masked(NamedTuple):
 def select_positions(tokens: np.ndarray, word_starts: np.ndarray, cfg: MaskingConfig,
                      rng: np.random.Generator) -> np.ndarray:
     """Sorted positions to predict: a `masked_lm_prob` share of the maskable tokens (whole words if asked)."""
-    maskable = ~np.isin(tokens, cfg.special_ids)
+    maskable = ~cfg.is_special[tokens]
     candidates = np.flatnonzero(maskable)
     expected = cfg.masked_lm_prob * len(candidates)
     count = int(expected) + int(rng.random() < expected - int(expected))

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,13 @@ FORMAT_VERSION = 1
 _SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
                  "mask_offsets", "mask_positions", "mask_inputs")
 _CHUNK_SENTENCES = 4096
+
+
+def _context():
+    """fork (instant workers) unless JAX has started its runtime threads in this process, else spawn."""
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    jax_running = bridge is not None and bool(getattr(bridge, "_backends", True))
+    return multiprocessing.get_context("spawn" if jax_running or sys.platform != "linux" else "fork")
 
 
 def _worker_init() -> None:
@@ -55,7 +63,9 @@ def _cached_backend(tokenizer_file: str):
 
 
 def _masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig:
-    return MaskingConfig(mask_id=manifest["mask_id"], special_ids=tuple(manifest["special_ids"]),
+    is_special = np.zeros(manifest["vocab_size"], bool)
+    is_special[manifest["special_ids"]] = True
+    return MaskingConfig(mask_id=manifest["mask_id"], is_special=is_special,
                          replacement_ids=replacement_ids, masked_lm_prob=manifest["masked_lm_prob"],
                          max_predictions_per_seq=manifest["max_predictions_per_seq"],
                          whole_word=manifest["whole_word_masking"])
@@ -166,6 +176,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
 
     # 1. read and tokenise (documents stay in memory, as in the original; tokens go to disk for the workers)
     documents = list(read_documents(specs, corpus_format, text_column=text_column))
+    phases = {"read_s": time.perf_counter() - start}
     where = ", ".join(specs)
     if not documents:
         raise DataError(f"{where}: the corpus holds no text")
@@ -182,11 +193,12 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
     sentences = [s for d in documents for s in d.sentences]
     chunks = [(tokenizer_file, sentences[i:i + _CHUNK_SENTENCES])
               for i in range(0, len(sentences), _CHUNK_SENTENCES)]
-    pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None)
+    pool = _context().Pool(workers, initializer=_worker_init) if workers > 1 else None
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         if pool is None:
             _worker_init()
+        phases["start_workers_s"] = time.perf_counter() - start - sum(phases.values())
         with tqdm(total=len(chunks), desc="tokenize", unit="chunk", disable=not progress) as bar:
             tokenized = _run(pool, _tokenize_chunk, chunks, bar)
         ids = [x for chunk_ids, _ in tokenized for x in chunk_ids]
@@ -202,6 +214,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
             doc_offsets=np.concatenate([[0], np.cumsum(docs_kept[docs_kept > 0])]).astype(np.int64))
         (out / "_tokenized").mkdir()
         tc.save(out / "_tokenized")
+        phases["tokenize_s"] = time.perf_counter() - start - sum(phases.values())
 
         # 2. instances + static masks, one task per shard
         special_ids = sorted(set(tokenizer.all_special_ids))
@@ -210,8 +223,11 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         replacement = np.array(sorted(set(range(vocab_size)) - set(special_ids) - unused), np.int32)
         np.save(out / "replacement_ids.npy", replacement)
         num_docs = tc.num_docs
-        num_shards = min(num_shards or max(4, math.ceil(len(tc.tokens) / 20_000_000)), num_docs)
-        bounds = np.linspace(0, num_docs, num_shards + 1).round().astype(int)
+        num_shards = min(num_shards or max(8, math.ceil(len(tc.tokens) / 20_000_000)), num_docs)
+        # contiguous document ranges holding about the same number of tokens each
+        doc_tokens = np.concatenate([[0], tc.sentence_offsets[tc.doc_offsets[1:]]])
+        bounds = np.searchsorted(doc_tokens, np.linspace(0, doc_tokens[-1], num_shards + 1)).astype(int)
+        bounds[0], bounds[-1] = 0, num_docs  # (a shard may be empty when one document outweighs it)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "corpus": specs, "corpus_format": corpus_format,
             "text_column": text_column, "tokenizer": tokenizer_name, "tokenizer_dir": "tokenizer",
@@ -227,6 +243,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         tasks = [(str(out), k, int(bounds[k]), int(bounds[k + 1]), manifest) for k in range(num_shards)]
         with tqdm(total=num_shards, desc="instances", unit="shard", disable=not progress) as bar:
             shards = _run(pool, _write_shard, tasks, bar)
+        phases["instances_s"] = time.perf_counter() - start - sum(phases.values())
     finally:
         if pool is not None:
             pool.close()
@@ -243,6 +260,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         **{key: sum(s[key] for s in shards) for key in ("instances", "tokens", "predictions", "random_next",
                                                           "short_target")}}
     manifest["throughput"] = {"workers": workers, "seconds": round(seconds, 3),
+                              **{k: round(v, 3) for k, v in phases.items()},
                               "corpus_tokens_per_s": round(len(tc.tokens) / seconds, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
