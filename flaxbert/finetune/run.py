@@ -1,8 +1,9 @@
-"""Fine-tuning driver: config, model loading, the task loss for the shared train step, epochs over
-bucketed batches, evaluation on the dev sets, best-checkpoint selection and the output files.
+"""Fine-tuning: config, model loading, the task's loss, a resumable bucketed batch iterator, and
+evaluation of the loop's checkpoints with best-checkpoint selection and the output files.
 
-The step, optimizer, checkpointer and metrics writer are the training engine's (`flaxbert.train`);
-this module only supplies the task's `loss_fn` and decides when to evaluate.
+Training itself is the shared engine's (`flaxbert.train.loop`: one step, one checkpointer, one
+metrics writer); this module supplies the task's `loss_fn` and batches, and checkpoints every
+`1/evals_per_epoch` epoch so that each can be evaluated and the best one kept.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from flaxbert.finetune.readers import DataError
 from flaxbert.finetune.tasks import Task, get_task
 from flaxbert.heads import apply_head, init, logical_axes
 from flaxbert.losses import cross_entropy, mean_squared_error, span_loss
-from flaxbert.sharding import make_mesh, to_global
-from flaxbert.train import optim
+from flaxbert.sharding import make_mesh, param_shardings
+from flaxbert.train import loop, optim
+from flaxbert.train import step as step_lib
 from flaxbert.train.checkpoint import Checkpointer
 from flaxbert.train.metrics import MetricsWriter
-from flaxbert.train.step import LossOutput, init_sharded_state, make_sharded_step
+from flaxbert.train.step import LossOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,6 @@ class TaskSettings:
     n_best_size: int = 20
     max_answer_length: int = 30
     version_2: bool = False  # SQuAD 2.0: unanswerable questions, null threshold tuned on dev
-    save_state: bool = False  # also write orbax checkpoints of the train state at every evaluation
     save_model: bool = True  # write the best model as a HF directory (output_dir/best_model)
 
     def feature_settings(self) -> FeatureSettings:
@@ -188,8 +189,8 @@ class FinetuneResult:
     task: Task
     metrics: dict[str, dict[str, float]]  # eval set -> metrics of the best checkpoint
     best_step: int
-    train_seconds: float
-    real_tokens_per_sec: float  # non-pad tokens per second of training steps
+    train_seconds: float  # wall time of the training loop (compilation and checkpoint saves included)
+    real_tokens_per_sec: float  # non-pad tokens per second of training
     padded_tokens_per_sec: float  # all positions, pad included
     output_dir: str
     params: Any = None  # best parameters (host numpy)
@@ -205,12 +206,49 @@ def _main_metric(task: Task, metrics_by_set: Mapping[str, Mapping[str, float]]) 
     return float(flat[task.main_metric])
 
 
-def _to_step_batch(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "index"}
+class BucketedBatches:
+    """The loop's training iterator: shuffled length-bucketed batches, epoch after epoch.
+
+    Its state (epoch, batch position) goes into every checkpoint, so a resumed run continues with
+    the same batches. It counts real and padded tokens for the throughput report."""
+
+    def __init__(self, features: Sequence[dict], batch_size: int, boundaries: Sequence[int], seed: int):
+        self.features, self.batch_size, self.boundaries, self.seed = features, batch_size, boundaries, seed
+        self.epoch, self.position, self._it = 0, 0, None
+        self.real_tokens = self.padded_tokens = 0
+
+    def _start_epoch(self):
+        self._it = batching.make_batches(self.features, self.batch_size, self.boundaries, shuffle=True,
+                                         seed=self.seed * 1000 + self.epoch)
+        for _ in range(self.position):
+            next(self._it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start_epoch()
+        batch = next(self._it, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start_epoch()
+            batch = next(self._it)
+        self.position += 1
+        self.real_tokens += batching.real_tokens(batch)
+        self.padded_tokens += batch["input_ids"].size
+        return {k: v for k, v in batch.items() if k != "index"}
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
 
 
 def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> FinetuneResult:
-    """Train, evaluate every `1/evals_per_epoch` epoch, keep the best parameters on the main dev metric,
+    """Train with the shared loop (`flaxbert.train.loop`), which checkpoints every `1/evals_per_epoch`
+    epoch; then evaluate each checkpoint on the eval sets, keep the best on the task's main metric,
     and write metrics/predictions/plots for each eval set plus the best model."""
     s, rc = cfg.task, cfg.run
     out_dir = rc.run.output_dir
@@ -236,88 +274,52 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     batch_size = rc.run.global_batch_size
     steps_per_epoch = batching.num_batches(train_features, batch_size, boundaries)
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
-    optim_cfg = dataclasses.replace(rc.optim, warmup_steps=int(s.warmup_ratio * total_steps))
-    tx = optim.make_optimizer(optim_cfg, total_steps)
-    mesh = make_mesh(len(jax.devices()))
-    head, num_labels = task.head, task.num_labels
-    state, shardings = init_sharded_state(lambda r: init(config, r, head, num_labels),
-                                          logical_axes(config, head, num_labels), tx, mesh, rc.run.seed,
-                                          params=model.params)
-    step_fn = make_sharded_step(make_loss_fn(task, config), tx, mesh, shardings,
-                                schedule=optim.schedule(optim_cfg, total_steps), dropout=True)
-    forward = E.make_forward(config, head)
-    writer = MetricsWriter(out_dir)
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=rc.checkpoint.keep) if s.save_state else None
     eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
-    seq_outputs = task.kind in ("ner", "qa")
-
-    def run_evals(params):
-        results, tokens, seconds = {}, 0, 0.0
-        for name, feats in eval_features.items():
-            outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, seq_outputs,
-                               progress=rc.run.progress, desc=f"eval {name}")
-            tokens, seconds = tokens + outs.real_tokens, seconds + outs.seconds
-            results[name] = E.evaluate(task, task_data.evals[name], feats, outs, fs.qa,
-                                       ner_scheme=s.ner_scheme or None, version_2=s.version_2)
-        return results, tokens / max(seconds, 1e-9)
-
+    n_evals = len(range(eval_every, total_steps + 1, eval_every)) + 1
+    loop_cfg = dataclasses.replace(
+        rc, model=config, data=dataclasses.replace(rc.data, seq_len=s.max_length),
+        optim=dataclasses.replace(rc.optim, warmup_steps=int(s.warmup_ratio * total_steps)),
+        run=dataclasses.replace(rc.run, steps=total_steps, eval_every=0),
+        checkpoint=dataclasses.replace(rc.checkpoint, every=eval_every, keep=max(rc.checkpoint.keep, n_evals)))
+    head, num_labels = task.head, task.num_labels
+    init_params = lambda r: init(config, r, head, num_labels)  # noqa: E731
+    axes = logical_axes(config, head, num_labels)
+    batches = BucketedBatches(train_features, batch_size, boundaries, rc.run.seed)
     print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"buckets {boundaries}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
+    t0 = time.perf_counter()
+    result = loop.train(loop_cfg, loop.Task(init_params, axes, make_loss_fn(task, config), batches, s.max_length,
+                                            initial_params=model.params))
+    train_time = time.perf_counter() - t0
+    if result.reason != "finished":
+        raise RuntimeError(f"training stopped early ({result.reason}): {result.message}")
+
+    forward = E.make_forward(config, head)
+    seq_outputs = task.kind in ("ner", "qa")
+    writer = MetricsWriter(out_dir)
     best = (-math.inf, 0, None, None)  # (main metric, step, params, results)
-    step, train_time, real_tokens, all_tokens = 0, 0.0, 0, 0
-    window_tokens, window_time = 0, 0.0
-    bar = None
-    if rc.run.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, desc=f"finetune {task.name}")
-    epoch = 0
-    while step < total_steps:
-        for batch in batching.make_batches(train_features, batch_size, boundaries, shuffle=True,
-                                           seed=rc.run.seed * 1000 + epoch):
-            t0 = time.perf_counter()
-            state, m = step_fn(state, to_global(_to_step_batch(batch), mesh))
-            m = jax.device_get(m)
-            dt = time.perf_counter() - t0
-            step += 1
-            n_real = batching.real_tokens(batch)
-            train_time, real_tokens, all_tokens = train_time + dt, real_tokens + n_real, all_tokens + batch["input_ids"].size
-            window_tokens, window_time = window_tokens + n_real, window_time + dt
-            if not bool(m["finite"]):
-                raise FloatingPointError(f"non-finite loss at step {step}; lower optim.lr")
-            if step % rc.run.log_every == 0 or step == total_steps:
-                record = {k: float(v) for k, v in m.items()}
-                record["real_tokens_per_sec"] = window_tokens / max(window_time, 1e-9)
-                writer.write(step, record)
-                window_tokens, window_time = 0, 0.0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-            if step % eval_every == 0 or step == total_steps:
-                results, eval_tps = run_evals(state.params)
-                metrics_by_set = {name: r.metrics for name, r in results.items()}
-                score = _main_metric(task, metrics_by_set)
-                for name, mm in metrics_by_set.items():
-                    writer.write(step, {**{k: v for k, v in mm.items() if isinstance(v, (int, float))},
-                                        "real_tokens_per_sec": eval_tps}, split=f"eval_{name}")
-                print(f"step {step}: {task.main_metric} = {score:.4f} "
-                      f"{json.dumps({n: {k: round(v, 4) for k, v in mm.items()} for n, mm in metrics_by_set.items()})}",
-                      flush=True)
-                if score > best[0]:
-                    best = (score, step, jax.device_get(state.params), results)
-                if checkpointer is not None:
-                    checkpointer.save(step, state, data_state={"epoch": epoch}, extra={task.main_metric: score})
-            if step >= total_steps:
-                break
-        epoch += 1
-    if bar is not None:
-        bar.close()
-    if checkpointer is not None:
-        checkpointer.close()
+    for step, params in _checkpointed_params(loop_cfg, init_params, axes):
+        results = {}
+        for name, feats in eval_features.items():
+            outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, seq_outputs,
+                               progress=rc.run.progress, desc=f"eval {name} @{step}")
+            results[name] = E.evaluate(task, task_data.evals[name], feats, outs, fs.qa,
+                                       ner_scheme=s.ner_scheme or None, version_2=s.version_2)
+            writer.write(step, {**results[name].metrics, "real_tokens_per_sec": outs.real_tokens / outs.seconds},
+                         split=f"eval_{name}")
+        score = _main_metric(task, {n: r.metrics for n, r in results.items()})
+        print(f"step {step}: {task.main_metric} = {score:.4f} "
+              f"{json.dumps({n: {k: round(v, 4) for k, v in r.metrics.items()} for n, r in results.items()})}",
+              flush=True)
+        if score > best[0]:
+            best = (score, step, jax.device_get(params), results)
     writer.close()
     _, best_step, best_params, best_results = best
     summary = {name: r.metrics for name, r in best_results.items()}
-    throughput = {"train_seconds": train_time, "real_tokens_per_sec": real_tokens / max(train_time, 1e-9),
-                  "padded_tokens_per_sec": all_tokens / max(train_time, 1e-9), "steps": step}
+    throughput = {"train_seconds": train_time, "steps": total_steps,
+                  "real_tokens_per_sec": batches.real_tokens / train_time,
+                  "padded_tokens_per_sec": batches.padded_tokens / train_time,
+                  "pad_fraction": 1 - batches.real_tokens / max(batches.padded_tokens, 1)}
     for name, r in best_results.items():
         E.write_outputs(r, task, out_dir, name, extra={"best_step": best_step})
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
@@ -329,6 +331,24 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
         save_model(model, task, best_params, os.path.join(out_dir, "best_model"))
     return FinetuneResult(task, summary, best_step, train_time, throughput["real_tokens_per_sec"],
                           throughput["padded_tokens_per_sec"], out_dir, best_params)
+
+
+def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
+    """(step, params) of every checkpoint the loop wrote, oldest first, restored in their shardings."""
+    mesh = make_mesh(*run_config.validate_for_run(cfg, jax.device_count()))
+    optimizer = optim.make_optimizer(cfg.optim, cfg.run.steps)
+    abstract = step_lib.abstract_state(init_params, optimizer, cfg.run.seed)
+    shardings = step_lib.state_shardings(abstract, param_shardings(axes, abstract.params, mesh), optimizer, mesh)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    directory = cfg.checkpoint.directory or os.path.join(cfg.run.output_dir, "checkpoints")
+    checkpointer = Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        for step in checkpointer.all_steps():
+            # a specific step, not only the latest: the checkpointer's per-step restore (fingerprint-checked)
+            state, _, _ = checkpointer._restore_step(step, target)
+            yield step, state.params
+    finally:
+        checkpointer.close()
 
 
 def save_model(model: hf.PretrainedModel, task: Task, params, out_dir: str) -> None:
