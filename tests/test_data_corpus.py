@@ -130,3 +130,16 @@ def test_cli_reports_errors_without_traceback(tmp_path, minilm_dir):
                           text=True, timeout=300)
     assert proc.returncode == 2 and "bad.txt:2: bytes that are not UTF-8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_directory_is_never_clobbered(tmp_path, minilm_dir):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    for overwrite, message in ((False, "directory is not empty"), (True, "not empty and not a prepared directory")):
+        with pytest.raises(DataError, match=f"precious: {message}"):
+            prepare(MEDITATIONS, minilm_dir, precious, corpus_format="lines", overwrite=overwrite, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    first = prepare(MEDITATIONS, minilm_dir, tmp_path / "prep", corpus_format="lines", progress=False)
+    again = prepare(MEDITATIONS, minilm_dir, tmp_path / "prep", corpus_format="lines", overwrite=True, progress=False)
+    assert again["counts"] == first["counts"]

@@ -167,79 +167,45 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
                         f"has only {model_vocab_size} rows; use a model with vocab_size >= {vocab_size}")
     start = time.perf_counter()  # throughput counts from here: importing transformers is not preparation
     specs = expand(corpus)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"{out}: directory is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 1. read and tokenise (documents stay in memory, as in the original; tokens go to disk for the workers)
-    documents = list(read_documents(specs, corpus_format, text_column=text_column))
+    documents = list(read_documents(specs, corpus_format, text_column=text_column))  # in memory, as in BERT
+    _check_documents(documents, ", ".join(specs), corpus_format)
     phases = {"read_s": time.perf_counter() - start}
-    where = ", ".join(specs)
-    if not documents:
-        raise DataError(f"{where}: the corpus holds no text")
-    if max(len(d.sentences) for d in documents) < 2:
-        raise DataError(f"{where}: no document has two or more sentences, so next-sentence pairs cannot be built "
-                        f"(format {corpus_format or 'guessed from the name'}: check --format; 'bert' wants one "
-                        f"sentence per line and a blank line between documents)")
-    if len(documents) < 2:
-        raise DataError(f"{where}: only one document; random next sentences need at least two")
+    out = _fresh_output_dir(Path(out_dir), overwrite)
     chars = sum(len(s) for d in documents for s in d.sentences)
     workers = workers or ((os.cpu_count() or 1) if chars > 4_000_000 else 1)
     tokenizer.save_pretrained(out / "tokenizer")
-    tokenizer_file = str(out / "tokenizer" / "tokenizer.json")
-    sentences = [s for d in documents for s in d.sentences]
-    chunks = [(tokenizer_file, sentences[i:i + _CHUNK_SENTENCES])
-              for i in range(0, len(sentences), _CHUNK_SENTENCES)]
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "corpus": specs, "corpus_format": corpus_format,
+        "text_column": text_column, "tokenizer": tokenizer_name, "tokenizer_dir": "tokenizer",
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "vocab_size": vocab_size,
+        "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
+        "token_dtype": "uint16" if vocab_size <= 65535 else "int32",
+        "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id, "mask_id": tokenizer.mask_token_id,
+        "pad_id": tokenizer.pad_token_id, "special_ids": sorted(set(tokenizer.all_special_ids)),
+        "max_seq_length": max_seq_length, "max_predictions_per_seq": max_predictions_per_seq,
+        "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
+        "whole_word_masking": whole_word_masking, "seed": seed,
+    }
+    unused = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"\[unused\d+\]", t)}
+    replacement = sorted(set(range(vocab_size)) - set(manifest["special_ids"]) - unused)
+    np.save(out / "replacement_ids.npy", np.array(replacement, np.int32))
+
     pool = _context().Pool(workers, initializer=_worker_init) if workers > 1 else None
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         if pool is None:
             _worker_init()
         phases["start_workers_s"] = time.perf_counter() - start - sum(phases.values())
-        with tqdm(total=len(chunks), desc="tokenize", unit="chunk", disable=not progress) as bar:
-            tokenized = _run(pool, _tokenize_chunk, chunks, bar)
-        ids = [x for chunk_ids, _ in tokenized for x in chunk_ids]
-        starts = [x for _, chunk_starts in tokenized for x in chunk_starts]
-        lengths = np.array([len(x) for x in ids], np.int64)
-        sentence_doc = np.repeat(np.arange(len(documents)), [len(d.sentences) for d in documents])
-        keep = lengths > 0  # sentences that tokenise to nothing (control characters only) are dropped
-        docs_kept = np.bincount(sentence_doc[keep], minlength=len(documents))
-        tc = TokenizedCorpus(
-            tokens=np.concatenate([x for x, k in zip(ids, keep) if k]).astype(np.int32),
-            word_starts=np.concatenate([x for x, k in zip(starts, keep) if k]),
-            sentence_offsets=np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
-            doc_offsets=np.concatenate([[0], np.cumsum(docs_kept[docs_kept > 0])]).astype(np.int64))
+        # 1. tokenise chunks of sentences; the tokens go to disk, where the shard workers map them
+        tc = _tokenize(documents, str(out / "tokenizer" / "tokenizer.json"), pool, progress)
         (out / "_tokenized").mkdir()
         tc.save(out / "_tokenized")
         phases["tokenize_s"] = time.perf_counter() - start - sum(phases.values())
-
-        # 2. instances + static masks, one task per shard
-        special_ids = sorted(set(tokenizer.all_special_ids))
-        vocab = tokenizer.get_vocab()
-        unused = {i for t, i in vocab.items() if re.fullmatch(r"\[unused\d+\]", t)}
-        replacement = np.array(sorted(set(range(vocab_size)) - set(special_ids) - unused), np.int32)
-        np.save(out / "replacement_ids.npy", replacement)
-        num_docs = tc.num_docs
-        num_shards = min(num_shards or max(8, math.ceil(len(tc.tokens) / 20_000_000)), num_docs)
-        # contiguous document ranges holding about the same number of tokens each
+        # 2. instances + static masks, one task per shard of contiguous documents with ~equal token counts
+        num_shards = min(num_shards or max(8, math.ceil(len(tc.tokens) / 20_000_000)), tc.num_docs)
         doc_tokens = np.concatenate([[0], tc.sentence_offsets[tc.doc_offsets[1:]]])
         bounds = np.searchsorted(doc_tokens, np.linspace(0, doc_tokens[-1], num_shards + 1)).astype(int)
-        bounds[0], bounds[-1] = 0, num_docs  # (a shard may be empty when one document outweighs it)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION, "corpus": specs, "corpus_format": corpus_format,
-            "text_column": text_column, "tokenizer": tokenizer_name, "tokenizer_dir": "tokenizer",
-            "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "vocab_size": vocab_size,
-            "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
-            "token_dtype": "uint16" if vocab_size <= 65535 else "int32",
-            "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id, "mask_id": tokenizer.mask_token_id,
-            "pad_id": tokenizer.pad_token_id, "special_ids": special_ids,
-            "max_seq_length": max_seq_length, "max_predictions_per_seq": max_predictions_per_seq,
-            "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
-            "whole_word_masking": whole_word_masking, "seed": seed,
-        }
+        bounds[0], bounds[-1] = 0, tc.num_docs  # (a shard may be empty when one document outweighs it)
         tasks = [(str(out), k, int(bounds[k]), int(bounds[k + 1]), manifest) for k in range(num_shards)]
         with tqdm(total=num_shards, desc="instances", unit="shard", disable=not progress) as bar:
             shards = _run(pool, _write_shard, tasks, bar)
@@ -256,7 +222,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
     seconds = time.perf_counter() - start
     manifest["shards"] = [{"name": s["name"], "instances": s["instances"]} for s in shards]
     manifest["counts"] = {
-        "documents": num_docs, "sentences": len(tc.sentence_offsets) - 1, "corpus_tokens": len(tc.tokens),
+        "documents": tc.num_docs, "sentences": len(tc.sentence_offsets) - 1, "corpus_tokens": len(tc.tokens),
         **{key: sum(s[key] for s in shards) for key in ("instances", "tokens", "predictions", "random_next",
                                                           "short_target")}}
     manifest["throughput"] = {"workers": workers, "seconds": round(seconds, 3),
@@ -264,6 +230,49 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
                               "corpus_tokens_per_s": round(len(tc.tokens) / seconds, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check_documents(documents, where: str, corpus_format) -> None:
+    if not documents:
+        raise DataError(f"{where}: the corpus holds no text")
+    if max(len(d.sentences) for d in documents) < 2:
+        raise DataError(f"{where}: no document has two or more sentences, so next-sentence pairs cannot be built "
+                        f"(format {corpus_format or 'guessed from the name'}: check --format; 'bert' wants one "
+                        f"sentence per line and a blank line between documents)")
+    if len(documents) < 2:
+        raise DataError(f"{where}: only one document; random next sentences need at least two")
+
+
+def _fresh_output_dir(out: Path, overwrite: bool) -> Path:
+    """An empty `out`; with `overwrite`, an earlier prepared directory there is removed (nothing else is)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"{out}: directory is not empty (pass overwrite=True / --overwrite)")
+        if not ((out / "manifest.json").is_file() or (out / "_tokenized").is_dir()):
+            raise DataError(f"{out}: not empty and not a prepared directory; refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _tokenize(documents, tokenizer_file: str, pool, progress: bool) -> TokenizedCorpus:
+    from tqdm.auto import tqdm
+
+    sentences = [s for d in documents for s in d.sentences]
+    chunks = [(tokenizer_file, sentences[i:i + _CHUNK_SENTENCES]) for i in range(0, len(sentences), _CHUNK_SENTENCES)]
+    with tqdm(total=len(chunks), desc="tokenize", unit="chunk", disable=not progress) as bar:
+        tokenized = _run(pool, _tokenize_chunk, chunks, bar)
+    ids = [x for chunk_ids, _ in tokenized for x in chunk_ids]
+    starts = [x for _, chunk_starts in tokenized for x in chunk_starts]
+    lengths = np.array([len(x) for x in ids], np.int64)
+    sentence_doc = np.repeat(np.arange(len(documents)), [len(d.sentences) for d in documents])
+    keep = lengths > 0  # sentences that tokenise to nothing (control characters only) are dropped
+    docs_kept = np.bincount(sentence_doc[keep], minlength=len(documents))
+    return TokenizedCorpus(
+        tokens=np.concatenate([x for x, k in zip(ids, keep) if k]).astype(np.int32),
+        word_starts=np.concatenate([x for x, k in zip(starts, keep) if k]),
+        sentence_offsets=np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
+        doc_offsets=np.concatenate([[0], np.cumsum(docs_kept[docs_kept > 0])]).astype(np.int64))
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> dict:
