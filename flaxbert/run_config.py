@@ -33,8 +33,8 @@ class DataConfig:
     prepared_dir: str = ""  # already prepared data (`flaxbert.data prepare`); "" = prepare the corpus
     eval_prepared_dir: str = ""  # held-out prepared data; "" = hold out eval_fraction of the corpus documents
     eval_fraction: float = 0.05
-    seq_len: int = 128
-    max_predictions_per_seq: int = 20
+    seq_len: int = 64
+    max_predictions_per_seq: int = 10
     masked_lm_prob: float = 0.15
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
@@ -50,9 +50,9 @@ class OptimConfig:
     """AdamW as BERT uses it (eps 1e-6, decay 0.01, none on LayerNorm/biases) or LAMB; warmup + decay."""
 
     name: str = "adamw"  # adamw | lamb
-    lr: float = 1e-3
+    lr: float = 2e-3
     end_lr: float = 0.0
-    warmup_steps: int = 100
+    warmup_steps: int = 80
     decay: str = "linear"  # linear | polynomial | constant
     power: float = 1.0  # polynomial decay power (1.0 == linear)
     b1: float = 0.9
@@ -96,7 +96,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500  # steps between checkpoints (one is always written at the end)
+    directory: str = ""  # "" = <run.output_dir>/checkpoints; may be gs://... (shared by all hosts of a pod)
+    every: int = 400  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # keep the last K
     async_save: bool = True
     resume: bool = True  # resume from the latest good checkpoint in run.output_dir
@@ -107,13 +108,13 @@ class RunSettings:
     """The loop: how long, how big, where to, how often to log and evaluate."""
 
     output_dir: str = "runs/tiny"
-    steps: int = 1000
+    steps: int = 800
     global_batch_size: int = 32  # sequences per optimizer step, over all hosts and microbatches
     grad_accum: int = 1  # microbatches per step
     seed: int = 0  # parameter init and dropout
     step_impl: str = "sharded"  # sharded (jit over a mesh) | pmap (classic data parallel)
-    log_every: int = 10
-    eval_every: int = 250  # 0 disables held-out evaluation
+    log_every: int = 20
+    eval_every: int = 400  # 0 disables held-out evaluation
     eval_batches: int = 8
     nan_policy: str = "stop"  # stop | skip (skip leaves the state unchanged for a non-finite step)
     init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)
@@ -126,7 +127,7 @@ class RunSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: BertConfig = BertConfig.tiny(vocab_size=4096, max_position_embeddings=128)
+    model: BertConfig = BertConfig.tiny(vocab_size=2048, max_position_embeddings=128)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()

@@ -1,8 +1,10 @@
 """Run 5 train steps of a tiny model under several layouts and print the losses as JSON.
 
 Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_train_step.py).
-usage: python tests/train_parity_script.py LAYOUT [LAYOUT...]  where LAYOUT is
-  single | pmap | D,F,T (mesh data,fsdp,tensor) | accum:N (one device, N microbatches)
+usage: python tests/train_parity_script.py [--multihost PROCESS_ID NUM_PROCESSES PORT] LAYOUT [LAYOUT...]
+  LAYOUT: single | pmap | D,F,T (mesh data,fsdp,tensor) | accum:N (one device, N microbatches)
+With --multihost every process feeds only its own rows of each global batch (gloo collectives on CPU).
+PARITY_DROPOUT=1 turns dropout on (the dropout rng depends only on the step, not on the layout).
 """
 
 import json
@@ -50,16 +52,26 @@ def run(layout: str, dropout: bool) -> list[float]:
         mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     else:
         d, f, t = (int(x) for x in layout.split(","))
-        mesh = sharding.make_mesh(d, f, t, devices=jax.devices()[: d * f * t])
+        mesh = sharding.make_mesh(d, f, t, devices=jax.devices()[: d * f * t])  # all devices of all processes
     logical = heads.logical_axes(config, "pretraining")
     state, shardings = train_step.init_sharded_state(init_params, logical, tx, mesh, seed=0)
     fn = train_step.make_sharded_step(loss_fn, tx, mesh, shardings, grad_accum=accum, schedule=sched, dropout=dropout)
+    pid, nproc = jax.process_index(), jax.process_count()
     for b in batches:
-        state, m = fn(state, sharding.to_global(b, mesh))
+        local = {k: v[pid * BATCH // nproc:(pid + 1) * BATCH // nproc] for k, v in b.items()}
+        state, m = fn(state, sharding.to_global(local, mesh))
         losses.append(float(m["loss"]))
     return losses
 
 
 if __name__ == "__main__":
+    layouts = sys.argv[1:]
+    if layouts[0] == "--multihost":
+        pid, nproc, port = (int(x) for x in layouts[1:4])
+        layouts = layouts[4:]
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     dropout = os.environ.get("PARITY_DROPOUT", "0") == "1"
-    print(json.dumps({layout: run(layout, dropout) for layout in sys.argv[1:]}))
+    result = {layout: run(layout, dropout) for layout in layouts}
+    if jax.process_index() == 0:
+        print("LOSSES " + json.dumps(result))

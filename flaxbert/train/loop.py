@@ -155,7 +155,8 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
     abstract = st.abstract_state(task.init_params, optimizer, r.seed)
     param_sh = shd.param_shardings(task.logical_axes, abstract.params, mesh)
     shardings = st.state_shardings(abstract, param_sh, optimizer, mesh)
-    checkpointer = ckpt.Checkpointer(os.path.join(r.output_dir, "checkpoints"), keep=c.keep, async_save=c.async_save)
+    checkpointer = ckpt.Checkpointer(c.directory or os.path.join(r.output_dir, "checkpoints"), keep=c.keep,
+                                     async_save=c.async_save)
     restored = None
     if c.resume:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -59,9 +59,10 @@ def state_shardings(abstract_state: TrainState, param_shardings, optimizer, mesh
     """Shardings for every leaf of the state: optimizer moments follow their parameter, the rest is
     replicated."""
     rep = shd.replicated(mesh)
-    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                                transform_non_params=lambda _: rep,
-                                is_leaf=lambda x: isinstance(x, NamedSharding))
+    masked = optax.MaskedNode  # the frozen part of a masked / multi_transform state: no array
+    opt = optax.tree_map_params(optimizer, lambda p, s: p if isinstance(p, masked) else s,
+                                abstract_state.opt_state, param_shardings, transform_non_params=lambda _: rep,
+                                is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
     return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep)
 
 
@@ -136,7 +137,7 @@ def eval_stats(loss_fn: LossFn, params, batch) -> dict:
 
 def _apply(state: TrainState, grads, stats, optimizer, schedule, nan_policy: str):
     metrics = summarize(stats)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
