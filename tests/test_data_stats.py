@@ -4,8 +4,6 @@ The properties are checked against the definitions in google-research/bert (15% 
 50% random next, short_seq_prob) and against the vocabulary's own "##" word-piece convention for whole words.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 

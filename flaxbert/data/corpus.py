@@ -155,7 +155,7 @@ def _read_jsonl(path: Path, text_column: str) -> Iterator[Document]:
 
 def _read_csv(path: Path, text_column: str, delimiter: str) -> Iterator[Document]:
     lines = _decoded_lines(path)
-    reader = csv.reader((text for _, text in lines), delimiter=delimiter)
+    reader = csv.reader((text + "\n" for _, text in lines), delimiter=delimiter)  # keeps quoted line breaks
     try:
         header = next(reader)
     except StopIteration:

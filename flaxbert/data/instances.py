@@ -48,8 +48,9 @@ class TokenizedCorpus:
     @classmethod
     def load(cls, directory) -> "TokenizedCorpus":
         """Tokens memory-mapped; offsets in memory (they are indexed per sentence, where maps are slow)."""
-        return cls(np.load(f"{directory}/tokens.npy", mmap_mode="r"), np.load(f"{directory}/word_starts.npy",
-                   mmap_mode="r"), np.load(f"{directory}/sentence_offsets.npy"), np.load(f"{directory}/doc_offsets.npy"))
+        return cls(np.load(f"{directory}/tokens.npy", mmap_mode="r"),
+                   np.load(f"{directory}/word_starts.npy", mmap_mode="r"),
+                   np.load(f"{directory}/sentence_offsets.npy"), np.load(f"{directory}/doc_offsets.npy"))
 
 
 def tokenize_sentences(backend, sentences: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:

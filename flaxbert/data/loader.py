@@ -19,7 +19,7 @@ import numpy as np
 
 from flaxbert.data.corpus import DataError
 from flaxbert.data.masking import mask_tokens
-from flaxbert.data.shards import _SHARD_ARRAYS, _masking_config, load_manifest
+from flaxbert.data.shards import SHARD_ARRAYS, masking_config, load_manifest
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
               "masked_lm_weights", "next_sentence_labels")
@@ -42,7 +42,7 @@ class PreparedSource:
             for shard in self.manifest["shards"]:
                 try:
                     shards.append({name: np.load(self.dir / shard["name"] / f"{name}.npy", mmap_mode="r")
-                                   for name in _SHARD_ARRAYS})
+                                   for name in SHARD_ARRAYS})
                 except FileNotFoundError as e:
                     raise DataError(f"{e.filename}: missing; the prepared directory is incomplete") from None
             self._shards = shards
@@ -106,7 +106,8 @@ def pad(array: np.ndarray, length: int, value: int = 0) -> np.ndarray:
 def padded_row(features: dict[str, np.ndarray], seq_len: int, max_predictions: int) -> dict[str, np.ndarray]:
     """An unpacked row in the batch contract: fixed [S] / [P] shapes, weights and attention mask."""
     n, m = len(features["input_ids"]), len(features["masked_lm_positions"])
-    return {"input_ids": pad(features["input_ids"], seq_len), "token_type_ids": pad(features["token_type_ids"], seq_len),
+    return {"input_ids": pad(features["input_ids"], seq_len),
+            "token_type_ids": pad(features["token_type_ids"], seq_len),
             "attention_mask": pad(np.ones(n, np.int32), seq_len),
             "masked_lm_positions": pad(features["masked_lm_positions"], max_predictions),
             "masked_lm_ids": pad(features["masked_lm_ids"], max_predictions),
@@ -179,7 +180,7 @@ def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, 
     if masking == "static":
         ds = ds.map(static_features)
     else:
-        cfg = _masking_config(manifest, np.load(Path(prepared_dir) / "replacement_ids.npy"))
+        cfg = masking_config(manifest, np.load(Path(prepared_dir) / "replacement_ids.npy"))
         ds = ds.random_map(_DynamicMask(cfg), seed=_mixed_seed(seed, 2, process_index))
     options = grain.ReadOptions(num_threads=prefetch_threads,
                                 prefetch_buffer_size=prefetch_buffer_size or 4 * batch_size)

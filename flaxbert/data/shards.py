@@ -27,7 +27,7 @@ from flaxbert.data.instances import InstanceConfig, TokenizedCorpus, document_in
 from flaxbert.data.masking import MaskingConfig, mask_tokens
 
 FORMAT_VERSION = 1
-_SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
+SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
                  "mask_offsets", "mask_positions", "mask_inputs")
 _CHUNK_SENTENCES = 4096
 
@@ -62,7 +62,8 @@ def _cached_backend(tokenizer_file: str):
     return _BACKENDS[tokenizer_file]
 
 
-def _masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig:
+def masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig:
+    """The masking settings of a prepared directory (shared by static masking here and the dynamic loader)."""
     is_special = np.zeros(manifest["vocab_size"], bool)
     is_special[manifest["special_ids"]] = True
     return MaskingConfig(mask_id=manifest["mask_id"], is_special=is_special,
@@ -75,10 +76,10 @@ def _write_shard(args) -> dict:
     """Build, mask and write one shard: every dupe round over documents [doc_lo, doc_hi)."""
     out_dir, shard, doc_lo, doc_hi, manifest = args
     corpus = TokenizedCorpus.load(Path(out_dir) / "_tokenized")
-    mcfg = _masking_config(manifest, np.load(Path(out_dir) / "replacement_ids.npy"))
+    mcfg = masking_config(manifest, np.load(Path(out_dir) / "replacement_ids.npy"))
     icfg = InstanceConfig(manifest["max_seq_length"], manifest["short_seq_prob"])
     cls_id, sep_id, seed = manifest["cls_id"], manifest["sep_id"], manifest["seed"]
-    cols: dict[str, list] = {name: [] for name in _SHARD_ARRAYS}
+    cols: dict[str, list] = {name: [] for name in SHARD_ARRAYS}
     n_tokens = n_masks = 0
     for dupe in range(manifest["dupe_factor"]):
         for doc in range(doc_lo, doc_hi):
@@ -131,7 +132,8 @@ def _run(pool, fn, tasks, bar):
 
 def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, dupe_factor):
     checks = [(max_seq_length >= 5, f"max_seq_length must be at least 5, got {max_seq_length}"),
-              (max_predictions_per_seq >= 1, f"max_predictions_per_seq must be positive, got {max_predictions_per_seq}"),
+              (max_predictions_per_seq >= 1,
+               f"max_predictions_per_seq must be positive, got {max_predictions_per_seq}"),
               (0.0 < masked_lm_prob < 1.0, f"masked_lm_prob must be in (0, 1), got {masked_lm_prob}"),
               (0.0 <= short_seq_prob <= 1.0, f"short_seq_prob must be in [0, 1], got {short_seq_prob}"),
               (dupe_factor >= 1, f"dupe_factor must be positive, got {dupe_factor}")]
