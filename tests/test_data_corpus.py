@@ -122,6 +122,20 @@ def test_tokenizer_larger_than_model(tmp_path, minilm_dir):
                 progress=False)
 
 
+def test_cli_prepares_with_two_workers(tmp_path, minilm_dir):
+    proc = subprocess.run([sys.executable, "-m", "flaxbert.data", "prepare", "--corpus", str(MEDITATIONS),
+                           "--format", "lines", "--tokenizer", str(minilm_dir), "--out", str(tmp_path / "out"),
+                           "--workers", "2", "--max-seq-length", "64", "--whole-word-masking"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "instances" in proc.stderr  # the progress bars
+    summary = json.loads(proc.stdout)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["instances"] == manifest["counts"]["instances"] > 0 and summary["workers"] == 2
+    assert manifest["whole_word_masking"] and manifest["max_seq_length"] == 64
+    assert len(manifest["tokenizer_sha256"]) == 64 and (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+
+
 def test_cli_reports_errors_without_traceback(tmp_path, minilm_dir):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\n\xff\xfe\n")
