@@ -165,3 +165,45 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path, tiny, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "dev.csv:3: label 'maybe' is not in the label set ['neg', 'pos']" in err
+
+
+def test_model_from_a_pretraining_run_directory(tmp_path, minilm_dir, capsys):
+    """`--model` may be a `python -m flaxbert.pretrain` output dir: its latest checkpoint's encoder."""
+    import orbax.checkpoint as ocp
+    from flaxbert import pretrain
+
+    run = tmp_path / "pre"
+    assert pretrain.main([f"--run.output_dir={run}", "--run.steps=2", "--run.progress=false", "--run.eval_every=0",
+                          f"--data.vocab={minilm_dir}", "--model.vocab_size=30522", "--model.num_hidden_layers=1",
+                          "--model.hidden_size=64", "--model.num_attention_heads=2", "--model.intermediate_size=128",
+                          "--data.seq_len=32", "--run.global_batch_size=8", "--data.max_predictions_per_seq=5"]) == 0
+    model = load_model(get_task("sst2"), load_config(tree={"task": {"model": str(run)}}).task)
+    assert "sequence_classification head is newly initialised" in capsys.readouterr().out
+    assert model.tokenizer is not None and model.config.hidden_size == 64
+    # the encoder is the step-2 checkpoint's, read here straight from orbax's files
+    raw = ocp.StandardCheckpointer().restore(run / "checkpoints" / "2" / "state")
+    ours = jax.tree_util.tree_leaves_with_path(model.params["bert"])
+    ref = dict(jax.tree_util.tree_leaves_with_path(raw["params"]["bert"]))
+    assert len(ours) == len(ref)
+    for path, value in ours:
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[path]))
+
+
+def test_swag_multiple_choice_end_to_end(tmp_path, tiny):
+    import csv
+
+    header = ["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
+              "ending0", "ending1", "ending2", "ending3", "label"]
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 32), ("val", 16)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for i in range(n):
+                w.writerow(["v", str(i), "x", "She picks up the guitar.", "She", "gold", "plays a song.",
+                            "eats the guitar.", "flies away.", "paints the sky.", str(int(rng.integers(0, 4)))])
+    result = finetune(quick_config(tmp_path, "swag", tiny, tmp_path))
+    preds = [json.loads(line) for line in (tmp_path / "out" / "dev_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 16 and all(0 <= p["label"] < 4 for p in preds)
+    gold = [int(r["label"]) for r in csv.DictReader(open(tmp_path / "val.csv"))]
+    assert result.metrics["dev"]["accuracy"] == pytest.approx(np.mean([p["label"] == g for p, g in zip(preds, gold)]))

@@ -127,15 +127,18 @@ def load_config(config: str = "", overrides: Sequence[str] = (), tree: Optional[
 
 
 def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
-    """The encoder (HF directory) with the task's head. A head of another shape in the checkpoint is
+    """The encoder (HF directory, or a pretraining run directory) with the task's head. A head of another shape in the checkpoint is
     re-initialised with a notice, or refused, per `on_head_mismatch`. Label names saved with a
     fine-tuned model fix the label order when they are the same set as the task's."""
     if not settings.model:
         raise ConfigError("task.model is empty: give --model <HF model dir | fine-tuned model dir>")
     num_labels = task.num_labels
     try:
-        model = hf.load_pretrained(settings.model, head=task.head, num_labels=num_labels,
-                                   on_head_mismatch=settings.on_head_mismatch)
+        if is_pretraining_run(settings.model):
+            model = load_pretraining_run(settings.model, task.head, num_labels)
+        else:
+            model = hf.load_pretrained(settings.model, head=task.head, num_labels=num_labels,
+                                       on_head_mismatch=settings.on_head_mismatch)
     except hf.HFLoadError as e:
         raise DataError(f"{settings.model}: {e}") from None
     if model.report is not None and model.report.initialized:
@@ -333,15 +336,20 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
                           throughput["padded_tokens_per_sec"], out_dir, best_params)
 
 
-def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
-    """(step, params) of every checkpoint the loop wrote, oldest first, restored in their shardings."""
+def _restore_target(cfg: run_config.RunConfig, init_params, axes, directory: str) -> tuple[Checkpointer, Any]:
+    """The checkpointer of a loop run and the abstract train state (with shardings) to restore into."""
     mesh = make_mesh(*run_config.validate_for_run(cfg, jax.device_count()))
     optimizer = optim.make_optimizer(cfg.optim, cfg.run.steps)
     abstract = step_lib.abstract_state(init_params, optimizer, cfg.run.seed)
     shardings = step_lib.state_shardings(abstract, param_shardings(axes, abstract.params, mesh), optimizer, mesh)
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    return Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False), target
+
+
+def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
+    """(step, params) of every checkpoint the loop wrote, oldest first, restored in their shardings."""
     directory = cfg.checkpoint.directory or os.path.join(cfg.run.output_dir, "checkpoints")
-    checkpointer = Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
+    checkpointer, target = _restore_target(cfg, init_params, axes, directory)
     try:
         for step in checkpointer.all_steps():
             # a specific step, not only the latest: the checkpointer's per-step restore (fingerprint-checked)
@@ -349,6 +357,39 @@ def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
             yield step, state.params
     finally:
         checkpointer.close()
+
+
+def is_pretraining_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.yaml")) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_pretraining_run(run_dir: str, head: str, num_labels: int, seed: int = 0) -> hf.PretrainedModel:
+    """The encoder of the latest good checkpoint of a `python -m flaxbert.pretrain` run directory
+    (config.yaml + checkpoints/), with a fresh `head`; the tokenizer is the run's `data.vocab` or
+    the vocabulary it trained (`<run_dir>/vocab`)."""
+    from flaxbert.vocab import load_tokenizer
+
+    cfg = run_config.load(os.path.join(run_dir, "config.yaml"))
+    init_pretraining = lambda r: init(cfg.model, r, "pretraining")  # noqa: E731
+    directory = cfg.checkpoint.directory or os.path.join(run_dir, "checkpoints")
+    checkpointer, target = _restore_target(cfg, init_pretraining, logical_axes(cfg.model, "pretraining"), directory)
+    try:
+        restored = checkpointer.restore_latest(target)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise DataError(f"{run_dir}: no checkpoint in {directory}")
+    fresh = init(cfg.model, jax.random.key(seed), head, num_labels)
+    params = {"bert": jax.device_get(restored[0].params["bert"]), head: fresh[head]}
+    tokenizer = load_tokenizer(cfg.data.vocab or os.path.join(run_dir, "vocab"))
+    report = hf.LoadReport(source=f"{directory}/{int(restored[0].step)}", missing=[],
+                           initialized=[f"{head}/{name}" for name in _leaf_names(fresh[head])],
+                           unexpected=["pretraining"])
+    return hf.PretrainedModel(cfg.model, params, tokenizer, head, report)
+
+
+def _leaf_names(tree) -> list[str]:
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def save_model(model: hf.PretrainedModel, task: Task, params, out_dir: str) -> None:

@@ -115,7 +115,7 @@ def classification_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray) -
         out["mcc"] = metrics.matthews_corrcoef(y_true, y_pred)
     elif task.name in ("mrpc", "qqp"):
         out["f1"] = metrics.f1_binary(y_true, y_pred, pos_label=1)
-    elif task.name not in GLUE_TASKS:
+    elif task.name not in GLUE_TASKS and task.kind == "classification":
         out["macro_f1"] = metrics.f1_macro(y_true, y_pred, task.num_labels)
     return out
 
