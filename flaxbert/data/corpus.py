@@ -243,11 +243,15 @@ def _read_tfds(spec: str, text_column: str) -> Iterator[Document]:
         raise DataError(f"tfds:{spec}: tensorflow-datasets is not installed (pip install 'flaxbert[tfds]')") from None
     name, _, split = spec.partition("@")
     try:  # download=False: never reach for the network; a dataset not yet prepared fails here at once
-        source = tfds.data_source(name, split=split or "train", download=False)
-    except Exception as e:  # noqa: BLE001 - tfds raises many types; all mean "not available locally"
-        raise DataError(f"tfds:{spec}: not available in the local TFDS data dir ({type(e).__name__}: {e})") from None
-    for number in range(len(source)):
-        doc = _record_document(f"tfds:{spec}", number + 1, dict(source[number]), text_column)
+        records = tfds.data_source(name, split=split or "train", download=False)  # array_record, no TensorFlow
+    except Exception as e:  # noqa: BLE001 - tfds raises many types; all mean "not available this way"
+        try:  # datasets prepared as tfrecord are read through tf.data (needs TensorFlow)
+            records = tfds.as_numpy(tfds.load(name, split=split or "train", download=False))
+        except Exception as e2:  # noqa: BLE001
+            raise DataError(f"tfds:{spec}: not available in the local TFDS data dir ({type(e).__name__}: {e}; "
+                            f"{type(e2).__name__}: {e2})") from None
+    for number, record in enumerate(records, 1):
+        doc = _record_document(f"tfds:{spec}", number, dict(record), text_column)
         if doc:
             yield doc
 
