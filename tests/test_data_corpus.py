@@ -72,6 +72,7 @@ def test_hf_datasets_local_and_offline_hub(tmp_path):
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     assert sentences(read_documents(f"hf:{tmp_path / 'files'}")) == DOCS
+    assert sentences(read_documents(f"hf:{tmp_path / 'files' / 'train.jsonl'}")) == DOCS
     start = time.perf_counter()
     with pytest.raises(DataError, match="hf:flaxbert-test/surely-not-cached:cfg@train: cannot load the dataset"):
         list(read_documents("hf:flaxbert-test/surely-not-cached:cfg@train"))

@@ -6,7 +6,8 @@ Formats (`--format`, guessed from the name when omitted):
   wikitext  WikiText `*.tokens`/`*.raw`: an article starts at a ` = Title = ` line, section headings are dropped,
             every paragraph line is split into sentences
   jsonl / csv / tsv / parquet   one document per record, taken from the text column (`text_column`)
-  hf:NAME[:CONFIG][@SPLIT]      a `datasets` dataset: hub name, local data dir or `save_to_disk` dir (split: train)
+  hf:NAME[:CONFIG][@SPLIT]      a `datasets` dataset: hub name, local data file or dir, `save_to_disk` dir
+                                (split: train)
   tfds:NAME[/CONFIG][@SPLIT]    a TFDS dataset already in the TFDS data dir (needs tensorflow-datasets)
 """
 
@@ -208,6 +209,12 @@ def _load_hf(spec: str):
                                 or (Path(name) / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(name)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+    if Path(name).is_file() and Path(name).suffix in builder:  # a local data file: the matching builder
+        try:
+            return datasets.load_dataset(builder[Path(name).suffix], data_files={split: name}, split=split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot read this file"
+            raise DataError(f"hf:{spec}: cannot load the file ({type(e).__name__}: {e})") from None
     offline = not Path(name).exists() and not _hub_reachable()
     saved = datasets.config.HF_HUB_OFFLINE
     if offline:  # without this, `datasets` retries the unreachable Hub for half a minute before failing
