@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from typing import Any, Optional
 
@@ -52,6 +53,8 @@ class Checkpointer:
     """Save/restore `(state, data_state, extra)` under `directory/<step>/`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        if "://" not in directory:  # orbax wants absolute paths (gs://... already are)
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self.data_dir = self.directory.parent / (self.directory.name + "_data_state")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
