@@ -8,6 +8,7 @@ corpus that `flaxbert.data` reads and writes vocab.txt + tokenizer.json + tokeni
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def load_tokenizer(path: str | os.PathLike):
     """A fast HF tokenizer from a directory holding tokenizer.json and/or vocab.txt.
 
     With tokenizer_config.json the directory is loaded as `AutoTokenizer` would; a bare vocab.txt becomes a
-    `BertTokenizerFast` whose lower-casing is inferred from the vocabulary (no upper-case token = uncased).
+    `BertTokenizerFast` whose lower-casing is inferred from the vocabulary; a bare tokenizer.json keeps its own.
     """
     from transformers import AutoTokenizer, BertTokenizerFast
 
@@ -46,8 +47,12 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         if (path / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-        elif has_json:
-            tokenizer = BertTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        elif has_json:  # BertTokenizerFast would reset a BertNormalizer to its own lower-casing default
+            normalizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
+            kw = {k: normalizer[k] for k in ("lowercase", "strip_accents") if k in normalizer}
+            tokenizer = BertTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
+                                          do_lower_case=kw.get("lowercase", True),
+                                          strip_accents=kw.get("strip_accents"))
         else:
             tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"),
                                           do_lower_case=_vocab_is_uncased(path / "vocab.txt"))

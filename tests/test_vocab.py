@@ -82,6 +82,10 @@ def test_cased_vocab_and_cli(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "cased")
     assert "Antoninus" in tokenizer.decode(tokenizer("Antoninus")["input_ids"], skip_special_tokens=True)
     assert any(t[:1].isupper() for t in tokenizer.get_vocab())
+    for name in ("tokenizer.json", "vocab.txt"):  # a bare file keeps the case too
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "cased" / name, tmp_path / name / name)
+        assert load_tokenizer(tmp_path / name).tokenize("Antoninus") == tokenizer.tokenize("Antoninus"), name
     bad = subprocess.run([sys.executable, "-m", "flaxbert.vocab", "--corpus", str(tmp_path / "nope.txt"),
                           "--vocab-size", "100", "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
