@@ -38,12 +38,12 @@ def tiny(tmp_path_factory, minilm_dir):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), minilm_dir)
 
 
-def quick_config(tmp_path, task, model, data, **task_kw):
+def quick_config(tmp_path, task, model, data, optim=None, **task_kw):
     tree = {"task": {"name": task, "model": str(model), "data": str(data), "epochs": 1, "max_length": 32,
                      "bucket_min": 32, "max_train_examples": 64, "max_eval_examples": 48, "eval_batch_size": 16,
                      **task_kw},
             "run": {"output_dir": str(tmp_path / "out"), "global_batch_size": 16, "log_every": 2, "progress": False},
-            "optim": {"lr": 1e-3}}
+            "optim": {"lr": 1e-3, **(optim or {})}}
     return load_config(tree=tree)
 
 
@@ -207,3 +207,26 @@ def test_swag_multiple_choice_end_to_end(tmp_path, tiny):
     assert len(preds) == 16 and all(0 <= p["label"] < 4 for p in preds)
     gold = [int(r["label"]) for r in csv.DictReader(open(tmp_path / "val.csv"))]
     assert result.metrics["dev"]["accuracy"] == pytest.approx(np.mean([p["label"] == g for p, g in zip(preds, gold)]))
+
+
+@needs_data
+def test_feature_extraction_and_frozen_encoder(tmp_path, tiny):
+    from flaxbert.finetune.features_extraction import extract_and_fit
+
+    cfg = quick_config(tmp_path, "emotion", tiny, DATA / "emotion", max_train_examples=120)
+    report = extract_and_fit(cfg, pooling="mean")
+    out = tmp_path / "out"
+    preds = [json.loads(line)["label"] for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    gold = [ex.label for ex in load_task_data(get_task("emotion"), str(DATA / "emotion"), with_train=False,
+                                              max_eval=48).evals["test"]]
+    assert report["metrics"]["test"]["accuracy"] == pytest.approx(np.mean([p == g for p, g in zip(preds, gold)]))
+    assert "precision" in (out / "test_report.txt").read_text() and (out / "test_confusion.png").is_file()
+    # head-only training: the encoder leaves the run exactly as it came in
+    finetune(quick_config(tmp_path / "f", "emotion", tiny, DATA / "emotion", optim={"freeze_encoder": True}))
+    before = hf.load_pretrained(str(tiny), head="sequence_classification", num_labels=6)  # the same fresh head
+    after = hf.load_pretrained(str(tmp_path / "f" / "out" / "best_model"), head="auto")
+    for a, b in zip(jax.tree.leaves(before.params["bert"]), jax.tree.leaves(after.params["bert"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    head0 = before.params["sequence_classification"]["classifier"]["kernel"]
+    head1 = after.params["sequence_classification"]["classifier"]["kernel"]
+    assert np.abs(np.asarray(head1) - np.asarray(head0)).max() > 1e-4  # the head did train
