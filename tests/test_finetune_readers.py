@@ -12,7 +12,8 @@ from flaxbert.finetune.readers import DataError
 from flaxbert.finetune.tasks import GLUE_TASKS, get_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data (GLUE, CoNLL, SQuAD, emotion) is not beside the checkout")
+needs_data = pytest.mark.skipif(not DATA.is_dir(),
+                                reason="../shared/data (GLUE, CoNLL, SQuAD, emotion) is not beside the checkout")
 
 
 @needs_data
@@ -157,7 +158,8 @@ def test_custom_csv_jsonl_and_label_names_from_data(tmp_path):
                         columns=Columns(text_pair="text_pair"))
     assert td.task.labels == ("no", "yes")
     assert td.train[0].text == "a, quoted" and td.evals["dev"][0].text_pair == "f"
-    train, evals = locate_files(get_task("text_classification"), f"train={tmp_path / 'train.csv'},dev={tmp_path / 'dev.jsonl'}")
+    spec = f"train={tmp_path / 'train.csv'},dev={tmp_path / 'dev.jsonl'}"
+    train, evals = locate_files(get_task("text_classification"), spec)
     assert train.name == "train.csv" and evals[0][0] == "dev"
 
 
@@ -167,7 +169,8 @@ def test_swag_reader(tmp_path):
         w = csv.writer(fh)
         w.writerow(["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
                     "ending0", "ending1", "ending2", "ending3", "label"])
-        w.writerow(["v", "0", "x", "She opens the door.", "She", "gold", "walks in.", "flies.", "eats it.", "sings.", "0"])
+        w.writerow(["v", "0", "x", "She opens the door.", "She", "gold", "walks in.", "flies.", "eats it.", "sings.",
+                    "0"])
         w.writerow(["v", "1", "x", "He sits.", "He", "gold", "a", "b", "c", "d", "7"])
     with pytest.raises(DataError, match=r"val\.csv:3: label 7 is outside 0\.\.3"):
         readers.read_swag(f)

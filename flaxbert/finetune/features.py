@@ -223,7 +223,8 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
 # ------------------------------------------------------------------------------------------------
 
 
-def choice_features(tokenizer, examples: Sequence[ChoiceExample], max_length: int, with_labels: bool = True) -> list[dict]:
+def choice_features(tokenizer, examples: Sequence[ChoiceExample], max_length: int,
+                    with_labels: bool = True) -> list[dict]:
     """One [C, S] feature per question: `[CLS] context [SEP] start + ' ' + ending [SEP]` for each
     ending, padded to the longest of its C rows (the batcher pads further to the bucket length)."""
     out = []

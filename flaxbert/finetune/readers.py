@@ -75,7 +75,8 @@ def _check_file(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: Path, delimiter: str, quoting: int, header: bool) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+def read_rows(path: Path, delimiter: str, quoting: int,
+              header: bool) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """(header, iterator of (line number, fields)). Opened as utf-8-sig so MRPC's BOM is not part of
     the first column name. Each row must have as many fields as the first row."""
     _check_file(path)

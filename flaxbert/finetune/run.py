@@ -127,11 +127,11 @@ def load_config(config: str = "", overrides: Sequence[str] = (), tree: Optional[
 
 
 def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
-    """The encoder (HF directory, or a pretraining run directory) with the task's head. A head of another shape in the checkpoint is
-    re-initialised with a notice, or refused, per `on_head_mismatch`. Label names saved with a
-    fine-tuned model fix the label order when they are the same set as the task's."""
+    """The encoder (HF directory, or a pretraining run directory) with the task's head. A head of
+    another shape in the checkpoint is re-initialised with a notice, or refused, per
+    `on_head_mismatch`."""
     if not settings.model:
-        raise ConfigError("task.model is empty: give --model <HF model dir | fine-tuned model dir>")
+        raise ConfigError("task.model is empty: give --model <HF model dir | fine-tuned model dir | pretraining run>")
     num_labels = task.num_labels
     try:
         if is_pretraining_run(settings.model):
@@ -151,6 +151,7 @@ def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
 
 
 def saved_label_order(model: hf.PretrainedModel, task: Task) -> Task:
+    """Label names saved with a fine-tuned model fix the label order when they are the task's set."""
     id2label = model.hf_extra.get("id2label")
     if task.labels and id2label and len(id2label) == len(task.labels):
         names = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label)))
