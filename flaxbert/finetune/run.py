@@ -140,7 +140,8 @@ def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
             model = hf.load_pretrained(settings.model, head=task.head, num_labels=num_labels,
                                        on_head_mismatch=settings.on_head_mismatch)
     except hf.HFLoadError as e:
-        raise DataError(f"{settings.model}: {e}") from None
+        message = str(e)
+        raise DataError(message if settings.model in message else f"{settings.model}: {message}") from None
     if model.report is not None and model.report.initialized:
         print(f"notice: {settings.model}: the {task.head} head is newly initialised "
               f"({len(model.report.initialized)} tensors: {', '.join(model.report.initialized[:4])}"

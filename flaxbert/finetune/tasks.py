@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from flaxbert import metrics
+from flaxbert.config import ConfigError
 
 Column = Union[str, int]
 
@@ -102,7 +103,7 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 def get_task(name: str) -> Task:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or aliases {sorted(ALIASES)})")
+        raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or aliases {sorted(ALIASES)})")
     return TASKS[key]
 
 
