@@ -52,7 +52,7 @@ class OptimConfig:
     name: str = "adamw"  # adamw | lamb
     lr: float = 2e-3
     end_lr: float = 0.0
-    warmup_steps: int = 80
+    warmup_steps: int = 60
     decay: str = "linear"  # linear | polynomial | constant
     power: float = 1.0  # polynomial decay power (1.0 == linear)
     b1: float = 0.9
@@ -97,7 +97,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     directory: str = ""  # "" = <run.output_dir>/checkpoints; may be gs://... (shared by all hosts of a pod)
-    every: int = 400  # steps between checkpoints (one is always written at the end)
+    every: int = 300  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # keep the last K
     async_save: bool = True
     resume: bool = True  # resume from the latest good checkpoint in run.output_dir
@@ -108,13 +108,13 @@ class RunSettings:
     """The loop: how long, how big, where to, how often to log and evaluate."""
 
     output_dir: str = "runs/tiny"
-    steps: int = 800
+    steps: int = 600
     global_batch_size: int = 32  # sequences per optimizer step, over all hosts and microbatches
     grad_accum: int = 1  # microbatches per step
     seed: int = 0  # parameter init and dropout
     step_impl: str = "sharded"  # sharded (jit over a mesh) | pmap (classic data parallel)
     log_every: int = 20
-    eval_every: int = 400  # 0 disables held-out evaluation
+    eval_every: int = 300  # 0 disables held-out evaluation
     eval_batches: int = 8
     nan_policy: str = "stop"  # stop | skip (skip leaves the state unchanged for a non-finite step)
     init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)

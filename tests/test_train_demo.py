@@ -65,7 +65,7 @@ def test_shortened_default_run_learns(installed, tmp_path):
 def test_the_default_command(installed, tmp_path):
     """`python -m flaxbert.pretrain` with no arguments: under 5 minutes on 2 cores, MLM accuracy well up."""
     proc, seconds = _run_default(installed, tmp_path)
-    first, last = _check_outputs(tmp_path / "runs" / "tiny", 800)
+    first, last = _check_outputs(tmp_path / "runs" / "tiny", 600)
     assert last["mlm_accuracy"] >= 0.1 and last["mlm_accuracy"] >= 3 * max(first["mlm_accuracy"], 0.01)
     assert "mlm_acc" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
     print(f"wall {seconds:.0f}s; final {last}")

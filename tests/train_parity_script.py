@@ -4,7 +4,7 @@ Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see
 usage: python tests/train_parity_script.py [--multihost PROCESS_ID NUM_PROCESSES PORT] LAYOUT [LAYOUT...]
   LAYOUT: single | pmap | D,F,T (mesh data,fsdp,tensor) | accum:N (one device, N microbatches)
 With --multihost every process feeds only its own rows of each global batch (gloo collectives on CPU).
-PARITY_DROPOUT=1 turns dropout on (the dropout rng depends only on the step, not on the layout).
+A "+dropout" suffix (e.g. 2,2,2+dropout) turns dropout on (its rng depends only on the step, not the layout).
 """
 
 import json
@@ -25,8 +25,8 @@ STEPS, BATCH = 5, 32
 
 
 def run(layout: str, dropout: bool) -> list[float]:
-    kw = {} if dropout else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = tiny_config(**kw) if not dropout else tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    rate = 0.1 if dropout else 0.0
+    config = tiny_config(hidden_dropout_prob=rate, attention_probs_dropout_prob=rate)
     cfg = OptimConfig(lr=1e-3, warmup_steps=2)
     tx = optim.make_optimizer(cfg, STEPS)
     sched = optim.schedule(cfg, STEPS)
@@ -71,7 +71,6 @@ if __name__ == "__main__":
         layouts = layouts[4:]
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
-    dropout = os.environ.get("PARITY_DROPOUT", "0") == "1"
-    result = {layout: run(layout, dropout) for layout in layouts}
+    result = {layout: run(layout.removesuffix("+dropout"), layout.endswith("+dropout")) for layout in layouts}
     if jax.process_index() == 0:
         print("LOSSES " + json.dumps(result))
