@@ -81,8 +81,11 @@ def test_mnli_and_qqp_layouts(tmp_path):
     assert td.evals["matched"][0].label == "entailment" and td.evals["matched"][0].text_pair == "A person rests."
     qqp = _write_glue(tmp_path, "QQP", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
                       [["0", "1", "2", "How?", "Why?", "0"]])
+    with open(qqp / "train.tsv", "a") as f:
+        f.write("1\t3\t4\tbroken row without a label\n")
     td = load_task_data(get_task("qqp"), str(qqp))
     assert (td.train[0].text, td.train[0].text_pair, td.train[0].label) == ("How?", "Why?", "0")
+    assert len(td.train) == 1  # the malformed row is skipped for QQP only, with a notice naming its line
 
 
 # ----- bad input ---------------------------------------------------------------------------------

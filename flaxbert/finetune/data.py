@@ -43,7 +43,7 @@ def _read(task: Task, path: Path, columns: Columns) -> list:
     regression = task.kind == "regression"
     if task.name in GLUE_TASKS and path.suffix == ".tsv":
         return readers.read_delimited(path, task.text, task.text_pair, task.label, header=task.header,
-                                      regression=regression)
+                                      regression=regression, skip_malformed=task.skip_malformed_rows)
     return readers.read_text_file(path, columns.text, columns.text_pair or None, columns.label,
                                   regression=regression)
 

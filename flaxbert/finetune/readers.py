@@ -75,10 +75,11 @@ def _check_file(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: Path, delimiter: str, quoting: int,
-              header: bool) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+def read_rows(path: Path, delimiter: str, quoting: int, header: bool,
+              skip_malformed: bool = False) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """(header, iterator of (line number, fields)). Opened as utf-8-sig so MRPC's BOM is not part of
-    the first column name. Each row must have as many fields as the first row."""
+    the first column name. Each row must have as many fields as the first row; with `skip_malformed`
+    other rows are skipped with a notice naming their lines (GLUE's QQP has a few such rows)."""
     _check_file(path)
     f = open(path, encoding="utf-8-sig", newline="")
     reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
@@ -90,6 +91,7 @@ def read_rows(path: Path, delimiter: str, quoting: int,
     width = len(first)
 
     def rows():
+        skipped = []
         with f:
             if not header:
                 yield 1, first
@@ -98,8 +100,14 @@ def read_rows(path: Path, delimiter: str, quoting: int,
                 if not fields or fields == [""]:
                     continue  # blank line (e.g. a trailing newline)
                 if len(fields) != width:
+                    if skip_malformed:
+                        skipped.append(line)
+                        continue
                     raise DataError(f"{path}:{line}: expected {width} fields like line 1, found {len(fields)}")
                 yield line, fields
+        if skipped:
+            print(f"notice: {path}: skipped {len(skipped)} rows without {width} fields (lines "
+                  f"{', '.join(map(str, skipped[:10]))}{' ...' if len(skipped) > 10 else ''})", flush=True)
 
     return (first if header else []), rows()
 
@@ -114,11 +122,12 @@ def column_index(path: Path, header: Sequence[str], name: Union[str, int]) -> in
 
 def read_delimited(path: Union[str, os.PathLike], text: Union[str, int], text_pair: Union[str, int, None] = None,
                    label: Union[str, int, None] = None, *, delimiter: str = "\t", quoting: int = csv.QUOTE_NONE,
-                   header: bool = True, regression: bool = False, require_label: bool = False) -> list[TextExample]:
+                   header: bool = True, regression: bool = False, require_label: bool = False,
+                   skip_malformed: bool = False) -> list[TextExample]:
     """Text examples from a delimited file. Columns are header names or 0-based indices (for files
     without a header, such as CoLA). A missing label column is fine (test files) unless required."""
     path = Path(path)
-    head, rows = read_rows(path, delimiter, quoting, header)
+    head, rows = read_rows(path, delimiter, quoting, header, skip_malformed)
     ti = column_index(path, head, text)
     pi = None if text_pair is None else column_index(path, head, text_pair)
     li = None

@@ -38,6 +38,7 @@ class Task:
     hf_name: Optional[tuple[str, str]] = None
     hf_text: tuple[str, Optional[str]] = ("sentence", None)
     hf_eval_splits: tuple[tuple[str, str], ...] = (("dev", "validation"),)
+    skip_malformed_rows: bool = False  # skip (with a notice) TSV rows with the wrong number of fields
 
     @property
     def head(self) -> str:
@@ -72,8 +73,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     _glue("sst2", BINARY, text="sentence"),
     _glue("mrpc", BINARY, text="#1 String", text_pair="#2 String", label="Quality", main="f1",
           hf_text=("sentence1", "sentence2")),
-    _glue("qqp", BINARY, text="question1", text_pair="question2", label="is_duplicate", main="f1",
-          hf_text=("question1", "question2")),
+    dataclasses.replace(_glue("qqp", BINARY, text="question1", text_pair="question2", label="is_duplicate",
+                              main="f1", hf_text=("question1", "question2")), skip_malformed_rows=True),
     _glue("stsb", None, text="sentence1", text_pair="sentence2", label="score", main="pearson",
           hf_text=("sentence1", "sentence2"), kind="regression"),
     _glue("mnli", ("contradiction", "entailment", "neutral"), text="sentence1", text_pair="sentence2",
