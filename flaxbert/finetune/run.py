@@ -293,7 +293,10 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"buckets {boundaries}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
     t0 = time.perf_counter()
-    result = loop.train(loop_cfg, loop.Task(init_params, axes, make_loss_fn(task, config), batches, s.max_length,
+    # the loop reports batch x seq_len tokens per second; with the mean real length per row that is
+    # (up to the filler rows of short batches) the real-token throughput rather than max_length's
+    mean_len = sum(batching.length_of(f) for f in train_features) / len(train_features)
+    result = loop.train(loop_cfg, loop.Task(init_params, axes, make_loss_fn(task, config), batches, mean_len,
                                             initial_params=model.params))
     train_time = time.perf_counter() - t0
     if result.reason != "finished":
