@@ -14,7 +14,7 @@ from flaxbert import hf, metrics
 from flaxbert.finetune import __main__ as cli
 from flaxbert.finetune import batching
 from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
-from flaxbert.finetune.run import finetune, load_config, load_model, make_loss_fn
+from flaxbert.finetune.run import evaluate_model, finetune, load_config, load_model, make_loss_fn
 from flaxbert.finetune.tasks import get_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -64,6 +64,9 @@ def test_stsb_regression_end_to_end(tmp_path, tiny):
     assert any(r["split"] == "train" and np.isfinite(r["mse_loss"]) for r in records)
     reloaded = hf.load_pretrained(str(out / "best_model"), head="auto")
     assert reloaded.head == "sequence_classification" and reloaded.num_labels == 1
+    # the saved best model, evaluated on its own, scores what the run reported for its best step
+    again = evaluate_model(quick_config(tmp_path / "again", "stsb", out / "best_model", DATA / "glue"))
+    assert again["dev"] == pytest.approx(result.metrics["dev"], abs=1e-6)
 
 
 @needs_data

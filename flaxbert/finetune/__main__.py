@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--features", action="store_true",
                    help="feature extraction: frozen encoder -> embeddings -> scikit-learn logistic regression")
     p.add_argument("--pooling", default="mean", choices=("mean", "pooled", "cls"), help="with --features")
+    p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned model (no training)")
     args, rest = p.parse_known_args(argv)
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     if args.freeze_encoder:
@@ -39,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flaxbert.finetune.run import finetune, load_config
 
         cfg = load_config(args.config, list(rest) + overrides)
+        if args.eval_only:
+            from flaxbert.finetune.run import evaluate_model
+
+            print(json.dumps(evaluate_model(cfg), indent=2))
+            return 0
         if args.features:
             from flaxbert.finetune.features_extraction import extract_and_fit
 

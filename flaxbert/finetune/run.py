@@ -303,18 +303,11 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
         raise RuntimeError(f"training stopped early ({result.reason}): {result.message}")
 
     forward = E.make_forward(config, head)
-    seq_outputs = task.kind in ("ner", "qa")
     writer = MetricsWriter(out_dir)
     best = (-math.inf, 0, None, None)  # (main metric, step, params, results)
     for step, params in _checkpointed_params(loop_cfg, init_params, axes):
-        results = {}
-        for name, feats in eval_features.items():
-            outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, seq_outputs,
-                               progress=rc.run.progress, desc=f"eval {name} @{step}")
-            results[name] = E.evaluate(task, task_data.evals[name], feats, outs, fs.qa,
-                                       ner_scheme=s.ner_scheme or None, version_2=s.version_2)
-            writer.write(step, {**results[name].metrics, "real_tokens_per_sec": outs.real_tokens / outs.seconds},
-                         split=f"eval_{name}")
+        results = evaluate_sets(task, task_data, eval_features, forward, params, s, boundaries,
+                                rc.run.progress, writer, step)
         score = _main_metric(task, {n: r.metrics for n, r in results.items()})
         print(f"step {step}: {task.main_metric} = {score:.4f} "
               f"{json.dumps({n: {k: round(v, 4) for k, v in r.metrics.items()} for n, r in results.items()})}",
@@ -339,6 +332,41 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
         save_model(model, task, best_params, os.path.join(out_dir, "best_model"))
     return FinetuneResult(task, summary, best_step, train_time, throughput["real_tokens_per_sec"],
                           throughput["padded_tokens_per_sec"], out_dir, best_params)
+
+
+def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, list], forward, params,
+                  s: TaskSettings, boundaries, progress: bool, writer: Optional[MetricsWriter] = None,
+                  step: int = 0) -> dict[str, E.EvalResult]:
+    """Every eval set through the model, scored with the task's metrics (logged to `writer`)."""
+    results = {}
+    for name, feats in eval_features.items():
+        outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.kind in ("ner", "qa"),
+                           progress=progress, desc=f"eval {name} @{step}")
+        results[name] = E.evaluate(task, task_data.evals[name], feats, outs, s.feature_settings().qa,
+                                   ner_scheme=s.ner_scheme or None, version_2=s.version_2)
+        if writer is not None:
+            writer.write(step, {**results[name].metrics, "real_tokens_per_sec": outs.real_tokens / outs.seconds},
+                         split=f"eval_{name}")
+    return results
+
+
+def evaluate_model(cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
+    """Evaluate a fine-tuned model directory on the task's eval sets (no training); writes the same
+    per-set metrics, predictions and plots as `finetune`."""
+    s, out_dir = cfg.task, cfg.run.run.output_dir
+    td = load_task_data(get_task(s.name), s.data, columns=Columns(s.text_column, s.text_pair_column, s.label_column),
+                        with_train=False, max_eval=s.max_eval_examples)
+    model = load_model(td.task, s)
+    if model.report is not None and model.report.initialized:
+        raise DataError(f"{s.model}: has no trained {td.task.head} head to evaluate")
+    task = saved_label_order(model, td.task)
+    feats = {name: make_features(task, model.tokenizer, exs, s.feature_settings(), training=False)
+             for name, exs in td.evals.items()}
+    results = evaluate_sets(task, td, feats, E.make_forward(model.config, task.head), model.params, s,
+                            batching.bucket_boundaries(s.max_length, s.bucket_min), cfg.run.run.progress)
+    for name, r in results.items():
+        E.write_outputs(r, task, out_dir, name)
+    return {name: r.metrics for name, r in results.items()}
 
 
 def _restore_target(cfg: run_config.RunConfig, init_params, axes, directory: str) -> tuple[Checkpointer, Any]:
