@@ -163,6 +163,19 @@ def device_peak_bytes() -> Optional[int]:
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
 
 
+def compiled_bytes(compiled) -> Optional[int]:
+    """XLA's memory account of a compiled program: arguments + outputs + temporaries - donated aliases."""
+    if compiled is None:
+        return None
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 # ----- data and weights -------------------------------------------------------------------------
 
 def pretraining_batch(config: BertConfig, batch: int, seq: int, predictions: int, seed: int = 0) -> dict:

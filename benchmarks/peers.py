@@ -46,6 +46,7 @@ class Runner:
     loss: Callable[[], float]
     step: Callable[[], None]
     compile_seconds: Optional[float] = None
+    compiled: Any = None  # the compiled step (JAX contenders): HLO text and memory analysis
     peak_device_bytes: Callable[[], Optional[int]] = lambda: None
 
 
@@ -97,7 +98,7 @@ def flaxbert_runner(config: BertConfig, params, batch: dict, *, dropout: bool = 
             float(metrics["loss"])
         jax.block_until_ready(holder["state"].params)
 
-    return Runner(name, loss, step, compile_s)
+    return Runner(name, loss, step, compile_s, compiled)
 
 
 # ----- HF PyTorch -------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def hf_torch_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str =
             torch.cuda.synchronize()
 
     peak = (lambda: int(torch.cuda.max_memory_allocated())) if dev == "cuda" else (lambda: None)
-    return Runner(name, loss, step, None, peak)
+    return Runner(name, loss, step, None, peak_device_bytes=peak)
 
 
 # ----- HF Flax ----------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def hf_flax_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str = 
         holder["p"], holder["o"], holder["rng"] = compiled(holder["p"], holder["o"], holder["rng"])
         jax.block_until_ready(holder["p"])
 
-    return Runner(name, loss, step, compile_s)
+    return Runner(name, loss, step, compile_s, compiled)
 
 
 def init_params(config: BertConfig, seed: int = 0) -> Any:

@@ -101,6 +101,7 @@ def run_cell(cell: Cell, peer_names: Sequence[str], *, warmup: int, rounds: int,
                      "mfu_vs_ceiling": flops_per_token * tps / ceiling_flops,
                      "mfu_vs_datasheet": flops_per_token * tps / (peak * jax.device_count()) if peak else None,
                      "peak_rss_bytes": c.peak_rss, "peak_device_bytes": r.peak_device_bytes(),
+                     "xla_step_bytes": common.compiled_bytes(r.compiled),
                      "parity_loss": losses[r.name], "parity_rel_diff": diffs.get(r.name, 0.0)})
     base = rows[0]["tokens_per_sec"]
     for row in rows:
@@ -137,6 +138,8 @@ def markdown(report: dict) -> str:
     for cell in report["cells"]:
         for row in cell["rows"]:
             mem = _gib(row["peak_device_bytes"]) if row["peak_device_bytes"] else f"RSS {_gib(row['peak_rss_bytes'])}"
+            if row.get("xla_step_bytes"):
+                mem += f"; step {_gib(row['xla_step_bytes'])}"
             compile_s = "eager" if row["compile_seconds"] is None else f"{row['compile_seconds']:.1f}"
             dsheet = "–" if row["mfu_vs_datasheet"] is None else f"{row['mfu_vs_datasheet']:.1%}"
             lines.append(f"| {cell['label']} | {row['contender']} | {compile_s} | {row['step_seconds']:.3f} | "
@@ -146,7 +149,9 @@ def markdown(report: dict) -> str:
     lines += ["", "flaxbert × = flaxbert's tokens/s divided by the row's. MFU counts the FLOPs the model needs "
               "(encoder, pooler, MLM head at the masked positions only), forward + backward = 3 × forward; "
               "the ceiling is the best fp32/bf16 matmul rate measured in the same rounds. CPU memory is the "
-              "process RSS while the contender ran (all contenders share the process)."]
+              "process RSS while the contender ran (all contenders share the process); `step` is XLA's own "
+              "account of the compiled step (arguments + outputs + temporaries, less donated aliases); on "
+              "GPU/TPU the first figure is the device's peak bytes in use."]
     return "\n".join(lines) + "\n"
 
 
