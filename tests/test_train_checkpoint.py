@@ -169,3 +169,27 @@ def test_kill9_and_sigterm_resume_is_bitwise_identical(tmp_path, prepared):
     for step in range(1, STEPS + 1):
         for key in COMPARED:
             assert resumed[step][key] == reference[step][key], (step, key, kill_at, saved)
+
+
+def test_init_from_hf_checkpoint_continues_from_its_weights(tmp_path, prepared):
+    """`--init_from` takes the model shape and weights from an HF BertForPreTraining directory."""
+    import orbax.checkpoint as ocp
+    import torch
+    import transformers
+
+    hf_config = transformers.BertConfig(vocab_size=512, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(hf_config).save_pretrained(tmp_path / "hf")
+    word = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").bert.embeddings.word_embeddings.weight
+    out = tmp_path / "run"
+    cmd = [c for c in _command(str(out), prepared) if not c.startswith("--model.")]
+    cmd = [c if not c.startswith("--run.steps=") else "--run.steps=1" for c in cmd]
+    proc = subprocess.run(cmd + [f"--init_from={tmp_path / 'hf'}", "--optim.lr=1e-9", "--optim.warmup_steps=0"],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = (out / "config.yaml").read_text()
+    assert "hidden_size: 48" in resolved and "num_hidden_layers: 1" in resolved
+    state = ocp.StandardCheckpointer().restore(out / "checkpoints" / "1" / "state")
+    ours = np.asarray(state["params"]["bert"]["embeddings"]["word_embeddings"])
+    np.testing.assert_allclose(ours, word.detach().numpy(), atol=1e-6)
