@@ -70,6 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     result = loop.train(cfg, task)
+    import jax
+
+    if jax.process_index() != 0:  # logging from process 0 only
+        return 1 if result.reason == "nonfinite" else 0
     m = result.last_metrics
     summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "mlm_accuracy", "nsp_accuracy", "eval_mlm_accuracy")
                         if k in m)

@@ -331,13 +331,20 @@ def load(config: str = "", overrides: Sequence[str] = ()) -> RunConfig:
     return from_dict(parse_overrides(overrides), cfg)
 
 
-def validate_for_run(cfg: RunConfig, device_count: int, vocab_size: Optional[int] = None) -> tuple[int, int, int]:
+def validate_for_run(cfg: RunConfig, device_count: int, vocab_size: Optional[int] = None,
+                     process_count: int = 1) -> tuple[int, int, int]:
     """Checks that need the devices or the vocabulary; returns the resolved mesh (data, fsdp, tensor)."""
     data, fsdp, tensor = cfg.mesh.resolve(device_count)
     r = cfg.run
     if r.step_impl == "pmap" and (fsdp, tensor) != (1, 1):
         raise ConfigError(f"run.step_impl=pmap is data-parallel only; mesh.fsdp={fsdp} and mesh.tensor={tensor} "
                           f"must be 1")
+    if r.step_impl == "pmap" and process_count > 1:
+        raise ConfigError(f"run.step_impl=pmap runs on one host in the training loop ({process_count} processes "
+                          f"here); use run.step_impl=sharded")
+    if r.global_batch_size % process_count:
+        raise ConfigError(f"run.global_batch_size={r.global_batch_size} is not divisible by the {process_count} "
+                          f"processes (each feeds an equal share)")
     data_parallel = data * fsdp
     micro = r.global_batch_size // r.grad_accum
     if micro % data_parallel:

@@ -83,6 +83,10 @@ def test_device_and_vocab_dependent_checks():
         rc.validate_for_run(rc.RunConfig(), 1, vocab_size=3000)
     with pytest.raises(ConfigError, match="pmap is data-parallel only"):
         rc.validate_for_run(rc.load("", ["--run.step_impl=pmap", "--mesh.fsdp=2"]), 2)
+    with pytest.raises(ConfigError, match="pmap runs on one host"):
+        rc.validate_for_run(rc.load("", ["--run.step_impl=pmap"]), 4, process_count=2)
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        rc.validate_for_run(rc.load("", ["--run.global_batch_size=32"]), 6, process_count=3)
 
 
 def test_resolved_config_round_trips(tmp_path):

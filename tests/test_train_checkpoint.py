@@ -193,3 +193,36 @@ def test_init_from_hf_checkpoint_continues_from_its_weights(tmp_path, prepared):
     state = ocp.StandardCheckpointer().restore(out / "checkpoints" / "1" / "state")
     ours = np.asarray(state["params"]["bert"]["embeddings"]["word_embeddings"])
     np.testing.assert_allclose(ours, word.detach().numpy(), atol=1e-6)
+
+
+@pytest.mark.slow  # ~1.5 min here; the step itself is checked across processes in test_train_step.py
+def test_two_process_cli_run_checkpoints_and_resumes(tmp_path, prepared):
+    """Two real processes (2 CPU devices each, gloo): one metrics writer, a data-iterator state per process
+    in each checkpoint, and a rerun with more steps resumes both processes from it."""
+    import socket
+
+    out = tmp_path / "run"
+
+    def run_pair(steps):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [c if not c.startswith("--run.steps=") else f"--run.steps={steps}" for c in _command(str(out), prepared)]
+        cmd = [c if not c.startswith("--checkpoint.every=") else "--checkpoint.every=2" for c in cmd]
+        env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        procs = [subprocess.Popen(cmd + [f"--run.coordinator_address=127.0.0.1:{port}", "--run.num_processes=2",
+                                         f"--run.process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (o, e) in zip(procs, outs):
+            assert p.returncode == 0, e[-3000:]
+        return [o for o, _ in outs]
+
+    first = run_pair(4)
+    assert "finished at step 4" in first[0] and "finished" not in first[1]  # process 0 reports
+    assert sorted(os.listdir(out / "checkpoints_data_state" / "4")) == ["process_0.json", "process_1.json"]
+    states = [json.loads((out / "checkpoints_data_state" / "4" / f"process_{i}.json").read_text()) for i in range(2)]
+    assert states[0]["settings"]["process_index"] == 0 and states[1]["settings"]["process_index"] == 1
+    run_pair(6)
+    records = [r for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # one writer, and the rerun started at step 5

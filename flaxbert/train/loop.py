@@ -146,7 +146,7 @@ class _Engine:
 
 def train(cfg: rc.RunConfig, task: Task) -> Result:
     r, c = cfg.run, cfg.checkpoint
-    resolved_mesh = rc.validate_for_run(cfg, jax.device_count())
+    resolved_mesh = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())
     mesh = shd.make_mesh(*resolved_mesh)
     is_main = jax.process_index() == 0
     schedule = optim.schedule(cfg.optim, r.steps)

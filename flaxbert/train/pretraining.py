@@ -106,10 +106,11 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
 
     model, initial = model_config(cfg)
     cfg = dataclasses.replace(cfg, model=model)  # re-runs the static checks against the loaded model
-    rc.validate_for_run(cfg, jax.device_count())
+    rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())
     train_dir, eval_dir = _prepare_data(cfg, model)
     manifest = data.load_manifest(train_dir)
-    rc.validate_for_run(cfg, jax.device_count(), vocab_size=manifest["vocab_size"])
+    rc.validate_for_run(cfg, jax.device_count(), vocab_size=manifest["vocab_size"],
+                        process_count=jax.process_count())
     if manifest["max_seq_length"] > model.max_position_embeddings:
         raise rc.ConfigError(f"{train_dir} was prepared with seq length {manifest['max_seq_length']}, longer than "
                              f"model.max_position_embeddings={model.max_position_embeddings}")
