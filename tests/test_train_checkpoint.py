@@ -226,3 +226,17 @@ def test_two_process_cli_run_checkpoints_and_resumes(tmp_path, prepared):
     run_pair(6)
     records = [r for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # one writer, and the rerun started at step 5
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, prepared):
+    """A learning rate of 1e30 blows the weights up after the first update: the run stops at step 2 with
+    exit status 1 and names step 1's checkpoint, which stays the newest."""
+    out = tmp_path / "run"
+    cmd = [c for c in _command(str(out), prepared) if not c.startswith(("--run.steps=", "--checkpoint.every="))]
+    proc = subprocess.run(cmd + ["--run.steps=6", "--checkpoint.every=1", "--optim.lr=1e30",
+                                 "--optim.warmup_steps=0", "--optim.clip_norm=0"],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite loss or gradient at step 2" in proc.stdout
+    assert "last good checkpoint is step 1" in proc.stdout
+    assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [1]

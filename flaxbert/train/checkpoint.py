@@ -71,15 +71,20 @@ class Checkpointer:
         meta = {"step": int(step), "fingerprint": fingerprint(state), **(extra or {})}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self._prune_data_states()
+
+    def _prune_data_states(self) -> None:
+        """Drop the data states of checkpoints that orbax has deleted (older than the newest kept)."""
+        kept = set(self.all_steps())
+        if jax.process_index() != 0 or not kept or not self.data_dir.exists():
+            return
+        for d in self.data_dir.iterdir():
+            if d.name.isdigit() and int(d.name) not in kept and int(d.name) < max(kept):
+                d.rmtree()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
-        if jax.process_index() == 0:  # drop data states of checkpoints that orbax has deleted
-            kept = set(self.all_steps())
-            if self.data_dir.exists():
-                for d in self.data_dir.iterdir():
-                    if d.name.isdigit() and int(d.name) not in kept and int(d.name) < max(kept, default=0):
-                        d.rmtree()
+        self._prune_data_states()
 
     def _restore_step(self, step: int, target):
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
