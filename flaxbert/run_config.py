@@ -175,7 +175,6 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_TYPES = {"model": BertConfig, "data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
                   "run": RunSettings, "checkpoint": CheckpointConfig}
 # `model.preset` picks the BertConfig preset that the other model keys override.
@@ -198,8 +197,6 @@ def _unknown(key: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML/CLI value to the field's declared type; error naming the key otherwise."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"Optional": Optional, **vars(typing)})  # annotations are strings here
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -231,7 +228,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _fields(cls) -> dict:
-    return {f.name: f for f in dataclasses.fields(cls)}
+    """{field name: its type} (resolved: the modules use `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
 
 
 def _model_from(values: Mapping[str, Any], base: BertConfig) -> BertConfig:
@@ -241,7 +239,7 @@ def _model_from(values: Mapping[str, Any], base: BertConfig) -> BertConfig:
     for key in values:
         if key not in fields:
             raise _unknown(f"model.{key}")
-    typed = {k: _coerce(f"model.{k}", v, fields[k].type) for k, v in values.items()}
+    typed = {k: _coerce(f"model.{k}", v, fields[k]) for k, v in values.items()}
     if preset is not None:
         return BertConfig.preset(str(preset), **typed)
     return base.replace(**typed)
@@ -268,7 +266,7 @@ def from_dict(tree: Mapping[str, Any], base: Optional[RunConfig] = None) -> RunC
         for key in values:
             if key not in fields:
                 raise _unknown(f"{section}.{key}")
-        typed = {k: _coerce(f"{section}.{k}", v, fields[k].type) for k, v in values.items()}
+        typed = {k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()}
         sections[section] = dataclasses.replace(getattr(base, section), **typed)
     return dataclasses.replace(base, **sections)
 

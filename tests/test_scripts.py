@@ -4,7 +4,6 @@ import os
 import shlex
 import subprocess
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -97,16 +97,15 @@ class _Engine:
     def __init__(self, cfg: rc.RunConfig, task: Task, mesh, optimizer, schedule, shardings):
         self.cfg, self.mesh, self.shardings = cfg, mesh, shardings
         r = cfg.run
-        dropout = True
         if r.step_impl == "pmap":
             self.n = jax.local_device_count()
             self.fn = st.make_pmap_step(task.loss_fn, optimizer, grad_accum=r.grad_accum, schedule=schedule,
-                                        nan_policy=r.nan_policy, dropout=dropout)
+                                        nan_policy=r.nan_policy)
             self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(task.loss_fn, p, b), st.PMAP_AXIS),
                                     axis_name=st.PMAP_AXIS)
         else:
             self.fn = st.make_sharded_step(task.loss_fn, optimizer, mesh, shardings, grad_accum=r.grad_accum,
-                                           schedule=schedule, nan_policy=r.nan_policy, dropout=dropout)
+                                           schedule=schedule, nan_policy=r.nan_policy)
             self.eval_fn = jax.jit(lambda p, b: st.eval_stats(task.loss_fn, p, b),
                                    in_shardings=(shardings.params, shd.batch_sharding(mesh)),
                                    out_shardings=shd.replicated(mesh))
