@@ -240,3 +240,13 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert "non-finite loss or gradient at step 2" in proc.stdout
     assert "last good checkpoint is step 1" in proc.stdout
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [1]
+
+
+def test_vocab_mismatch_is_a_config_error_before_compiling(tmp_path, prepared):
+    out = tmp_path / "run"
+    cmd = [c if not c.startswith("--model.vocab_size=") else "--model.vocab_size=300" for c in
+           _command(str(out), prepared)]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the vocabulary has 512 tokens but model.vocab_size=300" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
