@@ -183,7 +183,6 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
 
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
     last: dict = {}
-    last_saved = start if restored is not None else -1
     timer = {"t": time.perf_counter(), "steps": 0, "compiled": False}
     skipped = 0
 
@@ -224,9 +223,7 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
         return None
 
     def save(step_now: int) -> None:
-        nonlocal last_saved
         checkpointer.save(step_now, engine.to_global(state), task.train_batches.get_state())
-        last_saved = step_now
 
     reason, message = "finished", ""
     with _StopFlag() as stop:
