@@ -46,6 +46,8 @@ def pretraining_variants(cell: Cell) -> dict[str, tuple[str, Callable]]:
     every["masked_lm_weights"] = np.ones(batch["input_ids"].shape, np.float32)
     r = _flops_ratio(config, cell.seq, cell.predictions)
     return {
+        "a_a_noise_floor": ("the baseline against itself: 1.00x; the measured spread is this run's noise floor",
+                            pair()),
         "mlm_masked_only": (f"logits at {cell.predictions} masked positions instead of all {cell.seq}: model FLOPs "
                             f"ratio {r:.2f}, so the variant (all positions) should take ~{r:.2f}x the time",
                             pair(variant_batch=every)),
@@ -148,18 +150,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     unknown = set(names) - set(variants)
     if unknown:
         raise SystemExit(f"unknown techniques {sorted(unknown)}; choose from {sorted(variants)}")
-    results = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.tag}.json")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": common.machine_info(),
+              "cell": args.cell, "rounds": args.rounds, "results": []}
     for n in names:
         prediction, build = variants[n]
-        results.append(measure(n, prediction, build, args.rounds))
-    os.makedirs(args.out, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": common.machine_info(),
-              "cell": args.cell, "results": results}
-    path = os.path.join(args.out, f"{args.tag}.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+        report["results"].append(measure(n, prediction, build, args.rounds))
+        with open(path, "w", encoding="utf-8") as f:  # after every technique: a long run keeps what it measured
+            json.dump(report, f, indent=1)
     print("wrote", path)
-    return results
+    return report["results"]
 
 
 if __name__ == "__main__":
