@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The tests marked `slow` (kept out of the default run and CI for time): the real default
+# `python -m flaxbert.pretrain` from a fresh output directory, and a two-process CLI run that checkpoints
+# and resumes. About 5 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pytest -q -m slow "$@"
