@@ -11,5 +11,13 @@ __all__ = [
     "BertConfig", "ConfigError", "EncoderOutput", "InputError", "HEADS", "init", "encode", "apply_head",
     "logical_axes", "param_shapes", "PretrainingOutput", "MaskedLMOutput", "SequenceClassifierOutput",
     "TokenClassifierOutput", "QuestionAnsweringOutput", "MultipleChoiceOutput", "load_pretrained",
-    "save_pretrained", "PretrainedModel", "LoadReport", "HFLoadError",
+    "save_pretrained", "PretrainedModel", "LoadReport", "HFLoadError", "pipeline",
 ]
+
+
+def pipeline(task: str, model_dir: str, **kwargs):
+    """Prediction with a fine-tuned model: "text-classification", "ner" or "question-answering".
+    See `flaxbert.pipelines` (imported lazily, so `python -m flaxbert.pipelines` runs cleanly)."""
+    from flaxbert.pipelines import pipeline as make
+
+    return make(task, model_dir, **kwargs)

@@ -9,8 +9,8 @@ import pytest
 
 import flaxbert
 from flaxbert import hf
-from flaxbert.pipeline import main as pipeline_cli
-from flaxbert.pipeline import pipeline
+from flaxbert.pipelines import main as pipeline_cli
+from flaxbert.pipelines import pipeline
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -87,3 +87,17 @@ def test_pipeline_cli_and_untrained_head(tmp_path, minilm_dir, capsys):
     # a directory without a QA head cannot answer questions: a clear error, not random answers
     assert pipeline_cli(["question-answering", str(d), "--question", "q?", "--context", "c"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_top_level_pipeline_and_cli_module():
+    import subprocess
+    import sys
+
+    import flaxbert
+
+    assert flaxbert.pipeline.__doc__ and callable(flaxbert.pipeline)
+    with pytest.raises(Exception, match="task"):
+        flaxbert.pipeline("summarization", ".")
+    proc = subprocess.run([sys.executable, "-m", "flaxbert.pipelines", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: python -m flaxbert.pipelines" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr

@@ -7,7 +7,7 @@
     qa = flaxbert.pipeline("question-answering", "runs/squad/best_model")
     qa(question="Who?", context="...")  # {"answer": ..., "score": ..., "start": ..., "end": ...}
 
-CLI: `python -m flaxbert.pipeline TASK MODEL_DIR TEXT...` (QA: `--question Q --context C`).
+CLI: `python -m flaxbert.pipelines TASK MODEL_DIR TEXT...` (QA: `--question Q --context C`).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def pipeline(task: str, model_dir: str, *, max_length: int = 384, batch_size: in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flaxbert.pipeline", description="Predict with a fine-tuned model.")
+    p = argparse.ArgumentParser(prog="python -m flaxbert.pipelines", description="Predict with a fine-tuned model.")
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("model_dir")
     p.add_argument("texts", nargs="*", help="inputs (text-classification / ner); '-' reads lines from stdin")
