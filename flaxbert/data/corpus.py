@@ -141,14 +141,20 @@ def _record_document(source: str, number: int, record, text_column: str) -> Docu
     return Document(source, number, tuple(sentences)) if sentences else None
 
 
-def _read_jsonl(path: Path, text_column: str) -> Iterator[Document]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; bad JSON and bytes that
+    are not UTF-8 raise a DataError naming file and line. Shared with the fine-tuning readers."""
     for number, line in _decoded_lines(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_jsonl(path: Path, text_column: str) -> Iterator[Document]:
+    for number, record in iter_jsonl(path):
         doc = _record_document(str(path), number, record, text_column)
         if doc:
             yield doc

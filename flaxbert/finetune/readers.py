@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+# One error type for unusable input data, shared with the pretraining corpus readers.
+from flaxbert.data.corpus import DataError, iter_jsonl
+
 csv.field_size_limit(sys.maxsize)  # SQuAD-like contexts and long GLUE sentences exceed the default
 
 Label = Union[str, float, None]
-
-
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file and, where there is one, the line."""
 
 
 @dataclasses.dataclass
@@ -158,29 +157,22 @@ def read_jsonl(path: Union[str, os.PathLike], text: str = "text", text_pair: Opt
     path = Path(path)
     _check_file(path)
     out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+        for col in (text, text_pair):
+            if col is not None and col not in row:
+                raise DataError(f"{path}:{line_no}: missing column {col!r}; the object has {sorted(row)}")
+        value = row.get(label) if label is not None else None
+        if regression and value is not None:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
-            for col in (text, text_pair):
-                if col is not None and col not in row:
-                    raise DataError(f"{path}:{line_no}: missing column {col!r}; the object has {sorted(row)}")
-            value = row.get(label) if label is not None else None
-            if regression and value is not None:
-                try:
-                    value = float(value)
-                except (TypeError, ValueError):
-                    raise DataError(f"{path}:{line_no}: label {value!r} is not a number") from None
-            elif value is not None:
-                value = str(value)
-            out.append(TextExample(str(row[text]), None if text_pair is None else str(row[text_pair]), value,
-                                   f"{path}:{line_no}"))
+                value = float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{line_no}: label {value!r} is not a number") from None
+        elif value is not None:
+            value = str(value)
+        out.append(TextExample(str(row[text]), None if text_pair is None else str(row[text_pair]), value,
+                               f"{path}:{line_no}"))
     if not out:
         raise DataError(f"{path}: file has no examples")
     return out
