@@ -119,6 +119,18 @@ def column_index(path: Path, header: Sequence[str], name: Union[str, int]) -> in
     return header.index(name)
 
 
+def _coerce_label(value, regression: bool, where: str) -> Label:
+    """A class name (str), or a float for regression; `where` ("file:line") names a bad value."""
+    if value is None:
+        return None
+    if not regression:
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label {value!r} is not a number") from None
+
+
 def read_delimited(path: Union[str, os.PathLike], text: Union[str, int], text_pair: Union[str, int, None] = None,
                    label: Union[str, int, None] = None, *, delimiter: str = "\t", quoting: int = csv.QUOTE_NONE,
                    header: bool = True, regression: bool = False, require_label: bool = False,
@@ -137,14 +149,7 @@ def read_delimited(path: Union[str, os.PathLike], text: Union[str, int], text_pa
             li = column_index(path, head, label)
     out = []
     for line, fields in rows:
-        value: Label = None
-        if li is not None:
-            value = fields[li].strip()
-            if regression:
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise DataError(f"{path}:{line}: label {fields[li]!r} is not a number") from None
+        value = None if li is None else _coerce_label(fields[li].strip(), regression, f"{path}:{line}")
         out.append(TextExample(fields[ti].strip(), None if pi is None else fields[pi].strip(), value,
                                f"{path}:{line}"))
     if not out:
@@ -163,14 +168,7 @@ def read_jsonl(path: Union[str, os.PathLike], text: str = "text", text_pair: Opt
         for col in (text, text_pair):
             if col is not None and col not in row:
                 raise DataError(f"{path}:{line_no}: missing column {col!r}; the object has {sorted(row)}")
-        value = row.get(label) if label is not None else None
-        if regression and value is not None:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise DataError(f"{path}:{line_no}: label {value!r} is not a number") from None
-        elif value is not None:
-            value = str(value)
+        value = _coerce_label(row.get(label) if label is not None else None, regression, f"{path}:{line_no}")
         out.append(TextExample(str(row[text]), None if text_pair is None else str(row[text_pair]), value,
                                f"{path}:{line_no}"))
     if not out:
