@@ -33,6 +33,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def add_host_malloc_flag(ap) -> None:
+    ap.add_argument("--host-malloc", default="auto", choices=("auto", "reuse", "system"),
+                    help="glibc malloc reuse of freed memory for the whole process, every contender alike "
+                         "(flaxbert/host.py); 'system' keeps glibc's defaults")
+
+
+def setup_host(mode: str = "auto") -> str:
+    """Apply the host allocator setting before any backend starts; every contender shares the process."""
+    from flaxbert import host
+    return host.reuse_freed_memory(mode)
+
+
 def load_average() -> tuple[float, float, float]:
     try:
         return os.getloadavg()
@@ -46,7 +58,7 @@ def machine_info() -> dict:
     info = {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
             "host_cpu": _cpu_model(), "host_cores": os.cpu_count(), "load_average_start": load_average(),
             "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": setup_host(),
             "datasheet_peak_flops": peak_flops(dev.device_kind)}
     for name in ("flax", "optax", "transformers", "torch"):
         try:

@@ -181,7 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--with-host-sync", action="store_true", help="also time flaxbert reading metrics every step")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
+    common.add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    common.setup_host(args.host_malloc)
     machine = common.machine_info()
     data = Path(args.data) if os.path.isabs(args.data) else REPO / args.data
     model = hf.load_pretrained(minilm_dir(), head="sequence_classification", num_labels=2)
@@ -250,7 +252,8 @@ def markdown(report: dict) -> str:
     lines = [f"SST-2 train sample of {report['sample_examples']} examples, {report['model']}, batch "
              f"{report['batch_size']}, median of {report['rounds']} interleaved passes; {m['device_kind']} "
              f"({m['host_cores']} host cores), load average {m['load_average_start'][0]:.1f} at start, "
-             f"{report['load_average_end'][0]:.1f} at end; {report['date']}.", "",
+             f"{report['load_average_end'][0]:.1f} at end; host malloc {m.get('host_malloc', 'system').split(' ')[0]}; "
+             f"{report['date']}.", "",
              "| contender | examples/s | real tokens/s | real-token fraction | flaxbert × (real tokens/s) "
              "| flaxbert × (examples/s) |",
              "|---|---:|---:|---:|---:|---:|"]

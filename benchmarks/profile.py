@@ -82,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="")
+    common.add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    common.setup_host(args.host_malloc)
     platform = jax.devices()[0].platform
     cell = Cell.parse(args.cell, "float32" if platform == "cpu" else "bfloat16",
                       "cudnn" if platform == "gpu" else "xla")

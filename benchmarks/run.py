@@ -130,7 +130,8 @@ def markdown(report: dict) -> str:
     load = report.get("load_average_end", m["load_average_start"])
     lines = [f"Machine: {m['device_count']}x {m['device_kind']} ({m['platform']}), host {m['host_cpu']}, "
              f"{m['host_cores']} cores; load average {m['load_average_start'][0]:.1f} at start, {load[0]:.1f} at end; "
-             f"jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}; {report['date']}.",
+             f"jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}; host malloc "
+             f"{m.get('host_malloc', 'system').split(' ')[0]}; {report['date']}.",
              "",
              "| cell | contender | compile (s) | step (s, median) | tokens/s | seq/s | flaxbert × | MFU vs matmul ceiling "
              "| MFU vs datasheet | memory |",
@@ -201,7 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="", help="output file stem (default: pretrain-<platform>[-quick])")
+    common.add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    common.setup_host(args.host_malloc)
     platform = jax.devices()[0].platform
     attn = args.attention_impl or ("cudnn" if platform == "gpu" else "xla")
     if args.quick:

@@ -143,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="techniques-cpu")
+    common.add_host_malloc_flag(ap)
     args = ap.parse_args(argv)
+    common.setup_host(args.host_malloc)
     cell = Cell.parse(args.cell, "float32", "xla")
     variants = {**pretraining_variants(cell), **finetune_variants()}
     names = [n for n in args.only.split(",") if n] or list(variants)

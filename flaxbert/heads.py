@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxbert.config import BertConfig
-from flaxbert.model import (BertEncoder, InputError, LayerNorm, _dtype, _normal, _zeros, activation,
+from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, _dtype, _normal, _zeros, activation,
                             check_batch, encoder_inputs, gather_positions)
 
 Array = jax.Array
@@ -77,7 +77,7 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, out, batch, attend):
         c, head = self.config, self.head
-        drop = nn.Dropout(c.hidden_dropout_prob)
+        drop = Dropout(c.hidden_dropout_prob)
         if head in ("pretraining", "masked_lm"):
             positions = batch.get("masked_lm_positions")
             h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)

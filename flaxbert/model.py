@@ -6,6 +6,7 @@ No I/O, no optimizer, no mesh. Every parameter carries logical axis names drawn 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -41,17 +42,115 @@ def _zeros(axes):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
+# ----- elementwise pieces with hand-written backward passes ------------------------------------------
+# Autodiff of LayerNorm and exact GELU saves several intermediates per call for the backward pass (the
+# centred input, the erf term, its derivative, ...); inside the scanned encoder each one becomes a stacked
+# [layers, batch, seq, width] buffer that is written in the forward pass and read back in the backward.
+# These custom VJPs save one tensor each (the normalised input and its inverse std; the GELU input) and
+# recompute the rest, which is elementwise and cheap next to the memory traffic it replaces.
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@jax.custom_vjp
+def gelu_exact(x):
+    """x * Phi(x), Phi the standard normal CDF (BERT's "gelu")."""
+    return x * (0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_exact_fwd(x):
+    return gelu_exact(x), x
+
+
+def _gelu_exact_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """The tanh approximation of GELU ("gelu_new", "gelu_pytorch_tanh")."""
+    return 0.5 * x * (1.0 + jnp.tanh(_TANH_C * (x + 0.044715 * x * x * x)))
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_TANH_C * (xf + 0.044715 * xf * xf * xf))
+    grad = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _TANH_C * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((dy.astype(jnp.float32) * grad).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 def activation(name: str):
     return {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": gelu_exact,
+        "gelu_new": gelu_tanh,
+        "gelu_pytorch_tanh": gelu_tanh,
+        "gelu_fast": gelu_tanh,
         "relu": jax.nn.relu,
         "tanh": jnp.tanh,
         "silu": jax.nn.silu,
         "swish": jax.nn.silu,
     }[name]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """float32 LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    xhat = centred * inv_std
+    return xhat * scale + bias, (xhat, inv_std, scale)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    xhat, inv_std, scale = residuals
+    g = dy * scale
+    dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    batch_axes = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * xhat, axis=batch_axes), jnp.sum(dy, axis=batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def dropout_keep_mask(rng: Array, rate: float, shape) -> Array:
+    """Bernoulli(1 - rate) mask from 16 random bits per element (threefry makes 32 bits at a time, so
+    this is half the random-number work of a float32 uniform; the rate is exact to 1/65536)."""
+    threshold = int(round(rate * 65536))
+    return jax.random.bits(rng, shape, jnp.uint16) >= jnp.uint16(threshold)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (like flax's nn.Dropout, same `dropout` rng stream) with 16-bit random draws."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate <= 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        keep = dropout_keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -66,11 +165,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                            (features,), jnp.float32)
         bias = self.param("bias", _zeros(("embed",)), (features,), jnp.float32)
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(self.dtype)
+        return layer_norm(x.astype(jnp.float32), scale, bias, self.eps).astype(self.dtype)
 
 
 class Embeddings(nn.Module):
@@ -88,7 +183,7 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = self.param("token_type_embeddings", _normal(c, ("type", "embed")),
                                                 (c.type_vocab_size, c.hidden_size), jnp.float32)
         self.norm = LayerNorm(c.layer_norm_eps, _dtype(c), name="norm")
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.dropout = Dropout(c.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids):
         x = (jnp.take(self.word_embeddings, input_ids, axis=0)
@@ -132,7 +227,7 @@ class SelfAttention(nn.Module):
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             if not self.deterministic and c.attention_probs_dropout_prob > 0:
-                probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
+                probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
             ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
             # jax.nn.dot_product_attention has no attention-probability dropout; cuDNN flash on GPU.
@@ -153,7 +248,7 @@ class Layer(nn.Module):
     def __call__(self, x, mask):
         c = self.config
         dtype = _dtype(c)
-        drop = nn.Dropout(c.hidden_dropout_prob)
+        drop = Dropout(c.hidden_dropout_prob)
         attn = SelfAttention(c, self.deterministic, name="attention")(x, mask)
         x = LayerNorm(c.layer_norm_eps, dtype, name="attention_norm")(x + drop(attn, self.deterministic))
         h = nn.Dense(c.intermediate_size, dtype=dtype, param_dtype=jnp.float32,

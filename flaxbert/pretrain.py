@@ -58,6 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from flaxbert import host
+
+    host.reuse_freed_memory()  # before XLA starts its threads: see flaxbert/host.py
     from flaxbert.train import loop  # imports jax: after the config is known to be good
 
     loop.initialize_distributed(cfg.run)

@@ -48,6 +48,78 @@ def test_minilm_matches_hf_pytorch(minilm, batch, minilm_dir):
     assert pooled_diff <= 1e-4
 
 
+def test_gradients_match_hf_pytorch(minilm, batch, minilm_dir):
+    """The hand-written LayerNorm / GELU backward passes, end to end: parameter gradients of a fixed
+    function of the hidden states agree with torch autograd through HF BertModel on the real weights."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertModel
+
+    proj = np.random.default_rng(0).normal(size=batch["input_ids"].shape + (minilm.config.hidden_size,))
+    proj = proj.astype(np.float32) * batch["attention_mask"][..., None]
+
+    def objective(params):
+        return jnp.sum(flaxbert.encode(params, batch, minilm.config).last_hidden_state * proj)
+
+    grads = jax.grad(objective)(minilm.params)["bert"]
+    ref = BertModel.from_pretrained(str(minilm_dir)).eval()
+    out = ref(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()}).last_hidden_state
+    (out * torch.as_tensor(proj)).sum().backward()
+    tg = {n: p.grad.numpy() for n, p in ref.named_parameters() if p.grad is not None}
+    layers = grads["encoder"]["layers"]
+    pairs = {
+        "embeddings.word_embeddings.weight": grads["embeddings"]["word_embeddings"],
+        "embeddings.LayerNorm.weight": grads["embeddings"]["norm"]["scale"],
+        "embeddings.LayerNorm.bias": grads["embeddings"]["norm"]["bias"],
+        "encoder.layer.0.attention.self.query.weight": layers["attention"]["query"]["kernel"][0].reshape(384, 384).T,
+        "encoder.layer.2.attention.output.LayerNorm.weight": layers["attention_norm"]["scale"][2],
+        "encoder.layer.3.intermediate.dense.weight": layers["intermediate"]["kernel"][3].T,
+        "encoder.layer.3.intermediate.dense.bias": layers["intermediate"]["bias"][3],
+        "encoder.layer.5.output.dense.weight": layers["output"]["kernel"][5].T,
+        "encoder.layer.5.output.LayerNorm.bias": layers["output_norm"]["bias"][5],
+    }
+    for name, ours in pairs.items():
+        theirs = tg[name]
+        err = np.max(np.abs(np.asarray(ours) - theirs)) / (np.max(np.abs(theirs)) + 1e-12)
+        assert err < 2e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_custom_vjps_match_autodiff_of_the_formulas():
+    from flaxbert.model import gelu_exact, gelu_tanh, layer_norm
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 64)) * 3
+    w = jax.random.normal(jax.random.key(3), x.shape)
+    for ours, approximate in ((gelu_exact, False), (gelu_tanh, True)):
+        ref = lambda v, a=approximate: jax.nn.gelu(v, approximate=a)  # noqa: E731
+        np.testing.assert_allclose(ours(x), ref(x), atol=1e-5)
+        g1 = jax.grad(lambda v: jnp.sum(ours(v) * w))(x)
+        g2 = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
+        np.testing.assert_allclose(g1, g2, atol=1e-5)
+    scale = 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
+    bias = jax.random.normal(jax.random.key(2), (64,))
+
+    def textbook(v, s, b):
+        m = jnp.mean(v, -1, keepdims=True)
+        return (v - m) / jnp.sqrt(jnp.var(v, -1, keepdims=True) + 1e-12) * s + b
+
+    ours = jax.grad(lambda *a: jnp.sum(layer_norm(*a, 1e-12) * w), argnums=(0, 1, 2))(x, scale, bias)
+    ref = jax.grad(lambda *a: jnp.sum(textbook(*a) * w), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_mask_rate_and_scale():
+    from flaxbert.model import Dropout, dropout_keep_mask
+
+    keep = np.asarray(dropout_keep_mask(jax.random.key(0), 0.1, (2000, 500)))
+    assert abs(keep.mean() - 0.9) < 0.002  # 1M draws: 5 standard deviations is 0.0015
+    x = jnp.ones((1000, 100))
+    y = Dropout(0.25).apply({}, x, False, rngs={"dropout": jax.random.key(1)})
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_array_equal(Dropout(0.25).apply({}, x, True), x)
+
+
 def test_bf16_compute_close_to_fp32(minilm, batch):
     cfg16 = minilm.config.replace(dtype="bfloat16")
     out32 = flaxbert.encode(minilm.params, batch, minilm.config)

@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pooling", default="mean", choices=("mean", "pooled", "cls"), help="with --features")
     p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned model (no training)")
     args, rest = p.parse_known_args(argv)
+    from flaxbert import host
+
+    host.reuse_freed_memory()  # before XLA starts its threads: see flaxbert/host.py
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     if args.freeze_encoder:
         overrides.append("--optim.freeze_encoder=true")
