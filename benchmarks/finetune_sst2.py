@@ -5,8 +5,9 @@
 
 Contenders, on the same weights (a seeded classifier head, exported to the peers), the same sample of
 SST-2 train and the same optimizer settings:
-- flaxbert: the fine-tuning engine's length buckets (`flaxbert.finetune.batching`) and the training
-  engine's step, no host sync inside a pass;
+- flaxbert: the fine-tuning engine's packing (`task.pack`: each step's 32 examples side by side in rows
+  of 64 tokens, `flaxbert.finetune.batching`) and, separately, its length buckets; the training engine's
+  step, no host sync inside a pass;
 - HF Flax `FlaxBertForSequenceClassification` padding every example to 128 (HF's Flax GLUE example);
 - HF PyTorch `BertForSequenceClassification`, eager, random batches padded to their longest example.
 Fixed-shape contenders (pad to 128) cost the same for every batch, so they time `--fixed-batches` of
@@ -175,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--examples", type=int, default=1024, help="size of the seeded sample of SST-2 train")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pack-length", type=int, default=64, help="tokens per packed row (the engine's task.pack_length)")
     ap.add_argument("--bucket-min", type=int, default=16, help="smallest length bucket (the engine's task.bucket_min)")
     ap.add_argument("--fixed-batches", type=int, default=6, help="batches timed per round for pad-to-128 contenders")
     ap.add_argument("--with-flaxbert-pad128", action="store_true", help="also time flaxbert padding to 128")
@@ -198,9 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     pad128 = list(batching.make_batches(features, bs, batching.fixed_length_boundaries(MAX_LENGTH), shuffle=True,
                                         seed=0))[:args.fixed_batches]
     dynamic = dynamic_batches(features, bs, seed=0)
+    packed = list(batching.make_packed_batches(features, bs, args.pack_length, seed=0))
     hf_dir = common.hf_copy(model.params, config, "sequence_classification", tokenizer=model.tokenizer)
     try:
-        passes = [flaxbert_pass("flaxbert (length buckets)", task, config, model.params, buckets)]
+        passes = [flaxbert_pass("flaxbert (packed)", task, config, model.params, packed),
+                  flaxbert_pass("flaxbert (length buckets)", task, config, model.params, buckets)]
         if args.with_host_sync:
             passes.append(flaxbert_pass("flaxbert (buckets, host sync every step)", task, config, model.params,
                                         buckets, host_sync=True))

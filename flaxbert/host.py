@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 ENV = "FLAXBERT_HOST_MALLOC"
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
-SETTINGS = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1, "top_pad": 64 << 20}
+SETTINGS = {"arena_max": 1, "mmap_max": 0, "trim_threshold": -1, "top_pad": 64 << 20}  # -1: SIZE_MAX, never trim
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
                         "libtpu")
 _state: dict = {}
@@ -86,4 +86,4 @@ def _apply() -> str:
                                                             (M_TOP_PAD, SETTINGS["top_pad"])))
     if not ok:
         return "system (mallopt refused a setting)"
-    return ("reuse (glibc mallopt: arena_max=1, mmap_max=0, trim_threshold=2 GiB, top_pad=64 MiB)")
+    return "reuse (glibc mallopt: arena_max=1, mmap_max=0, no trimming, top_pad=64 MiB)"

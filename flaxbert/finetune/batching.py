@@ -1,8 +1,15 @@
 """Dynamic padding into a few length buckets, so that only a few shapes compile and short sentences
-are not padded to the model's maximum.
+are not padded to the model's maximum; and packing, for sequence-level tasks.
 
-Every batch has exactly `batch_size` rows (a short last batch is filled with dummy rows of weight 0)
-and a length from `boundaries`, so a run compiles at most `len(boundaries)` shapes per step function.
+Bucketed batches have exactly `batch_size` rows (a short last batch is filled with dummy rows of weight
+0) and a length from `boundaries`, so a run compiles at most `len(boundaries)` shapes per step function.
+
+Packed batches (`make_packed_batches`) put the `batch_size` examples of a step side by side in rows of
+`max_length` tokens. Each example keeps its own positions (restarting at 0) and segment ids, attends
+only to itself (`instance_ids`), and is classified from its own [CLS] (`cls_positions`), so the loss is
+the unpacked batch's loss; per-example keys (`label`, `weight`, `index`) become [rows, slots]. The row
+count is rounded up to one of a few sizes, and the row length is `task.pack_length` (64) unless a step
+holds a longer example (then the next power of two), so only a few shapes compile.
 """
 
 from __future__ import annotations
@@ -121,3 +128,93 @@ def gather_rows(values: np.ndarray, batch: dict, out: Optional[list] = None) -> 
         if idx >= 0:
             out.append((int(idx), values[row]))
     return out
+
+
+# ----- packing ----------------------------------------------------------------------------------
+
+PACKED_ROW_COUNTS = tuple(sorted({*range(1, 9), *range(10, 17, 2), *range(20, 33, 4), *range(40, 65, 8),
+                                  *range(80, 129, 16)}))
+
+
+def packed_rows(needed: int, multiple: int = 1) -> int:
+    """The row count a packed batch is padded to: the smallest of PACKED_ROW_COUNTS (then multiples of
+    128) that holds `needed` rows and is a multiple of `multiple` (the data-parallel device count)."""
+    candidates = [r for r in PACKED_ROW_COUNTS if r >= needed and r % multiple == 0]
+    if candidates:
+        return candidates[0]
+    step = 128 * multiple // np.gcd(128, multiple)
+    return -(-needed // step) * step
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins (lists of positions into `lengths`) of total length <= capacity, longest items first."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"a feature of {n} tokens does not fit a packed row of {capacity}")
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+def pack_batch(features: Sequence[dict], indices: Sequence[int], row_length: int, slots: int,
+               row_multiple: int = 1) -> dict:
+    """Pack `features[indices]` (single-sequence features with a scalar `label`) into rows of
+    `row_length` tokens (or the next power of two that holds the longest of them) with up to `slots`
+    examples per row. See the module docstring for the keys."""
+    lengths = [length_of(features[i]) for i in indices]
+    while row_length < max(lengths):
+        row_length *= 2
+    bins = first_fit_decreasing(lengths, row_length)
+    if max(len(b) for b in bins) > slots:
+        raise ValueError(f"{max(len(b) for b in bins)} examples in one packed row but only {slots} slots")
+    rows = packed_rows(len(bins), row_multiple)
+    first = features[indices[0]]
+    label = np.asarray(first["label"])
+    out = {k: np.zeros((rows, row_length), np.int32)
+           for k in ("input_ids", "token_type_ids", "attention_mask", "position_ids", "instance_ids")}
+    out["cls_positions"] = np.zeros((rows, slots), np.int32)
+    out["label"] = np.zeros((rows, slots), label.dtype)
+    out["weight"] = np.zeros((rows, slots), np.float32)
+    out["index"] = np.full((rows, slots), -1, np.int32)
+    for r, members in enumerate(bins):
+        start = 0
+        for slot, j in enumerate(members):
+            f, n = features[indices[j]], lengths[j]
+            sl = slice(start, start + n)
+            out["input_ids"][r, sl] = f["input_ids"]
+            if f.get("token_type_ids") is not None:
+                out["token_type_ids"][r, sl] = f["token_type_ids"]
+            out["attention_mask"][r, sl] = 1
+            out["position_ids"][r, sl] = np.arange(n)
+            out["instance_ids"][r, sl] = slot + 1
+            out["cls_positions"][r, slot] = start
+            out["label"][r, slot] = f["label"]
+            out["weight"][r, slot] = 1.0
+            out["index"][r, slot] = indices[j]
+            start += n
+    return out
+
+
+def make_packed_batches(features: Sequence[dict], batch_size: int, row_length: int, *, seed: int = 0,
+                        row_multiple: int = 1) -> Iterator[dict]:
+    """One epoch of shuffled steps of `batch_size` examples each (the last may have fewer), packed.
+    Short rows cost less attention: SST-2 (13.5 tokens per example) trains ~10% faster in rows of 64
+    than of 128 on a CPU, for the same examples."""
+    order = np.random.default_rng(seed).permutation(len(features))
+    for start in range(0, len(order), batch_size):
+        yield pack_batch(features, order[start:start + batch_size].tolist(), row_length, batch_size, row_multiple)
+
+
+def packable(features: Sequence[dict]) -> bool:
+    """Packing applies to single-sequence features with one label each (classification, regression)."""
+    return bool(features) and all(np.ndim(f.get("label", np.zeros((1,)))) == 0 and f["input_ids"].ndim == 1
+                                  for f in features[:100])

@@ -56,6 +56,8 @@ class TaskSettings:
     evals_per_epoch: int = 1
     bucket_min: int = 16  # smallest length bucket; buckets double up to max_length
     pad_to_max: bool = False  # pad every batch to max_length (the baseline bucketing is compared with)
+    pack: bool = True  # sequence-level tasks: pack each step's examples side by side into rows (batching.py)
+    pack_length: int = 64  # tokens per packed row (a longer example gets a longer row)
     on_head_mismatch: str = "reinit"  # a checkpoint head with another label count: reinit (notice) | error
     label_all_tokens: bool = False  # NER: train on every sub-token, not only on each word's first
     ner_scheme: str = ""  # "" = conlleval/seqeval default decoding | IOB2 | IOB1 (strict)
@@ -170,7 +172,7 @@ def make_loss_fn(task: Task, config):
         out = apply_head(params, batch, config, head=head, dropout_rng=dropout_rng)
         w = batch["weight"]
         if kind == "regression":
-            t = mean_squared_error(out.logits[:, 0], batch["label"], w)
+            t = mean_squared_error(out.logits[..., 0], batch["label"], w)
             return LossOutput(terms={"mse": (t.loss_sum, t.weight)})
         if kind == "ner":
             labels = batch["token_labels"]
@@ -222,9 +224,11 @@ class BucketedBatches:
         self.epoch, self.position, self._it = 0, 0, None
         self.real_tokens = self.padded_tokens = 0
 
+    def _make_epoch(self, seed: int):
+        return batching.make_batches(self.features, self.batch_size, self.boundaries, shuffle=True, seed=seed)
+
     def _start_epoch(self):
-        self._it = batching.make_batches(self.features, self.batch_size, self.boundaries, shuffle=True,
-                                         seed=self.seed * 1000 + self.epoch)
+        self._it = self._make_epoch(self.seed * 1000 + self.epoch)
         for _ in range(self.position):
             next(self._it)
 
@@ -249,6 +253,19 @@ class BucketedBatches:
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
+
+
+class PackedBatches(BucketedBatches):
+    """Like BucketedBatches, but each step's `batch_size` shuffled examples are packed into rows of
+    `row_length` tokens (`batching.make_packed_batches`)."""
+
+    def __init__(self, features: Sequence[dict], batch_size: int, row_length: int, seed: int, row_multiple: int):
+        super().__init__(features, batch_size, (row_length,), seed)
+        self.row_multiple = row_multiple
+
+    def _make_epoch(self, seed: int):
+        return batching.make_packed_batches(self.features, self.batch_size, self.boundaries[0], seed=seed,
+                                            row_multiple=self.row_multiple)
 
 
 def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> FinetuneResult:
@@ -277,7 +294,13 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     boundaries = batching.fixed_length_boundaries(s.max_length) if s.pad_to_max else \
         batching.bucket_boundaries(s.max_length, s.bucket_min)
     batch_size = rc.run.global_batch_size
-    steps_per_epoch = batching.num_batches(train_features, batch_size, boundaries)
+    pack = (s.pack and not s.pad_to_max and task.kind in ("classification", "regression")
+            and batching.packable(train_features))
+    if s.pack and not pack and not s.pad_to_max:
+        print(f"task.pack: {task.name} ({task.kind}) is not a single-sequence task; batches are bucketed instead",
+              flush=True)
+    steps_per_epoch = (-(-len(train_features) // batch_size) if pack
+                       else batching.num_batches(train_features, batch_size, boundaries))
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
     eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
     n_evals = len(range(eval_every, total_steps + 1, eval_every)) + 1
@@ -289,9 +312,14 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     head, num_labels = task.head, task.num_labels
     init_params = lambda r: init(config, r, head, num_labels)  # noqa: E731
     axes = logical_axes(config, head, num_labels)
-    batches = BucketedBatches(train_features, batch_size, boundaries, rc.run.seed)
+    if pack:
+        data_shards = jax.device_count() // max(1, rc.mesh.resolve(jax.device_count())[2])
+        batches = PackedBatches(train_features, batch_size, min(s.pack_length, s.max_length), rc.run.seed,
+                                data_shards)
+    else:
+        batches = BucketedBatches(train_features, batch_size, boundaries, rc.run.seed)
     print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"buckets {boundaries}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
+          f"{'packed rows of ' + str(s.pack_length) if pack else f'buckets {boundaries}'}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
     t0 = time.perf_counter()
     # the loop reports batch x seq_len tokens per second; with the mean real length per row that is
     # (up to the filler rows of short batches) the real-token throughput rather than max_length's
