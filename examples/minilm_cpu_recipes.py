@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--squad-train-articles", type=int, default=40, help="of the 48 dev-v1.1 articles")
     args, overrides = p.parse_known_args(argv)
+    from flaxbert import host
+
+    host.reuse_freed_memory()  # as the flaxbert.finetune entry point does (flaxbert/host.py)
     root = Path(args.data_root)
     data = {"sst2": root / "glue", "conll2003": root / "conll2003"}.get(args.recipe)
     cfg = load_config(f"{args.recipe}_minilm_cpu", [f"--task.model={minilm_dir()}"] +
