@@ -45,6 +45,11 @@ def setup_host(mode: str = "auto") -> str:
     return host.reuse_freed_memory(mode)
 
 
+def _host_setting() -> str:
+    from flaxbert import host
+    return host.current()
+
+
 def load_average() -> tuple[float, float, float]:
     try:
         return os.getloadavg()
@@ -58,7 +63,7 @@ def machine_info() -> dict:
     info = {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
             "host_cpu": _cpu_model(), "host_cores": os.cpu_count(), "load_average_start": load_average(),
             "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": setup_host(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": _host_setting(),
             "datasheet_peak_flops": peak_flops(dev.device_kind)}
     for name in ("flax", "optax", "transformers", "torch"):
         try:

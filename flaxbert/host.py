@@ -60,6 +60,11 @@ def reuse_freed_memory(mode: str | None = None) -> str:
     return result
 
 
+def current() -> str:
+    """What `reuse_freed_memory` did in this process, without applying anything."""
+    return _state.get("result", "system (flaxbert.host not applied in this process)")
+
+
 def _decide(mode: str) -> str:
     if mode == "system":
         return f"system (glibc defaults: {ENV}=system)"

@@ -4,8 +4,8 @@ are not padded to the model's maximum; and packing, for sequence-level tasks.
 Bucketed batches have exactly `batch_size` rows (a short last batch is filled with dummy rows of weight
 0) and a length from `boundaries`, so a run compiles at most `len(boundaries)` shapes per step function.
 
-Packed batches (`make_packed_batches`) put the `batch_size` examples of a step side by side in rows of
-`max_length` tokens. Each example keeps its own positions (restarting at 0) and segment ids, attends
+Packed batches (`make_packed_batches`) put the `batch_size` examples of a step side by side in rows.
+Each example keeps its own positions (restarting at 0) and segment ids, attends
 only to itself (`instance_ids`), and is classified from its own [CLS] (`cls_positions`), so the loss is
 the unpacked batch's loss; per-example keys (`label`, `weight`, `index`) become [rows, slots]. The row
 count is rounded up to one of a few sizes, and the row length is `task.pack_length` (64) unless a step
@@ -216,5 +216,5 @@ def make_packed_batches(features: Sequence[dict], batch_size: int, row_length: i
 
 def packable(features: Sequence[dict]) -> bool:
     """Packing applies to single-sequence features with one label each (classification, regression)."""
-    return bool(features) and all(np.ndim(f.get("label", np.zeros((1,)))) == 0 and f["input_ids"].ndim == 1
-                                  for f in features[:100])
+    return bool(features) and all("label" in f and np.ndim(f["label"]) == 0 and f["input_ids"].ndim == 1
+                                  for f in features)

@@ -312,14 +312,14 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     head, num_labels = task.head, task.num_labels
     init_params = lambda r: init(config, r, head, num_labels)  # noqa: E731
     axes = logical_axes(config, head, num_labels)
+    row_length = min(s.pack_length, s.max_length)
     if pack:
         data_shards = jax.device_count() // max(1, rc.mesh.resolve(jax.device_count())[2])
-        batches = PackedBatches(train_features, batch_size, min(s.pack_length, s.max_length), rc.run.seed,
-                                data_shards)
+        batches = PackedBatches(train_features, batch_size, row_length, rc.run.seed, data_shards)
     else:
         batches = BucketedBatches(train_features, batch_size, boundaries, rc.run.seed)
     print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"{'packed rows of ' + str(s.pack_length) if pack else f'buckets {boundaries}'}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
+          f"{f'packed rows of {row_length}' if pack else f'buckets {boundaries}'}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
     t0 = time.perf_counter()
     # the loop reports batch x seq_len tokens per second; with the mean real length per row that is
     # (up to the filler rows of short batches) the real-token throughput rather than max_length's
