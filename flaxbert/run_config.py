@@ -120,6 +120,7 @@ class RunSettings:
     init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device in the table
     progress: bool = True  # tqdm progress bar on process 0
+    prefetch: int = 2  # batches put on the devices ahead of the step (0: each batch is sent when it is used)
     coordinator_address: str = ""  # multi-host outside TPU VMs: host:port of process 0
     num_processes: int = 0
     process_id: int = -1
@@ -151,6 +152,8 @@ class RunConfig:
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
                     "data.seq_len": d.seq_len, "data.max_predictions_per_seq": d.max_predictions_per_seq,
                     "data.dupe_factor": d.dupe_factor}
+        if r.prefetch < 0:
+            raise ConfigError(f"run.prefetch must be >= 0, got {r.prefetch}")
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")

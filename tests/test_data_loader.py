@@ -63,21 +63,40 @@ def test_batch_contract(prepared):
         check_model(manifest, flaxbert.BertConfig.tiny(vocab_size=manifest["vocab_size"], max_position_embeddings=32))
 
 
-@pytest.mark.parametrize("masking,packed", [("static", False), ("dynamic", False), ("dynamic", True)])
-def test_same_seed_same_bytes_and_exact_resume(prepared, masking, packed):
-    make = lambda seed: make_loader(prepared, batch_size=8, seed=seed, masking=masking, packed=packed)  # noqa: E731
-    first = take(make(7), 30)
-    assert same(first, take(make(7), 30))
+@pytest.fixture(scope="module")
+def prepared_wwm(minilm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader") / "meditations-wwm"
+    prepare(MEDITATIONS, minilm_dir, out, corpus_format="lines", max_seq_length=64, max_predictions_per_seq=10,
+            whole_word_masking=True, short_seq_prob=0.3, progress=False)
+    return out
+
+
+MODES = [("static", False, False), ("dynamic", False, False), ("static", True, False), ("dynamic", True, False),
+         ("static", False, True), ("dynamic", False, True), ("dynamic", True, True)]
+
+
+@pytest.mark.parametrize("masking,packed,whole_word", MODES)
+def test_same_seed_same_bytes_and_exact_resume(prepared, prepared_wwm, masking, packed, whole_word):
+    where = prepared_wwm if whole_word else prepared
+    make = lambda seed, **kw: make_loader(where, batch_size=8, seed=seed, masking=masking, packed=packed,  # noqa: E731
+                                          **kw)
+    first = take(make(7), 130)  # over an epoch boundary (an epoch is ~100 batches of 8)
+    assert same(first, take(make(7, prefetch_threads=0), 130))  # worker threads do not change the batches
+    assert same(first[:20], take(make(7, prefetch_threads=3, prefetch_depth=7), 20))
     assert not same(first[:3], take(make(8), 3))
-    loader = make(7)
-    take(loader, 11)  # mid-epoch (an epoch is ~100 batches of 8)
-    state = json.loads(json.dumps(loader.get_state()))  # what a checkpoint stores
-    resumed = make(7)
-    resumed.set_state(state)
-    assert same(take(resumed, 19), first[11:])
-    other = make_loader(prepared, batch_size=4, seed=7, masking=masking, packed=packed)
-    with pytest.raises(DataError, match="batch_size"):
+    for stop in (11, 97):  # mid-epoch, and just before an epoch boundary
+        loader = make(7)
+        take(loader, stop)
+        state = json.loads(json.dumps(loader.get_state()))  # what a checkpoint stores
+        assert len(json.dumps(state)) < 1000
+        resumed = make(7)
+        resumed.set_state(state)
+        assert same(take(resumed, 130 - stop), first[stop:])
+    other = make_loader(where, batch_size=4, seed=7, masking=masking, packed=packed)
+    with pytest.raises(DataError, match="global_batch_size: saved 8, now 4"):
         other.set_state(state)
+    with pytest.raises(DataError, match="another flaxbert loader"):
+        other.set_state({"settings": state["settings"], "iterator": {}})
 
 
 def test_epochs_reshuffle_and_dynamic_masks_change(prepared):
@@ -102,36 +121,96 @@ def test_epochs_reshuffle_and_dynamic_masks_change(prepared):
 
 _WORKER = """
 import json, sys
+import jax
 import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
 from flaxbert.data import make_loader
-loader = make_loader(sys.argv[1], batch_size=5, seed=11, num_epochs=1, process_index=int(sys.argv[2]),
-                     process_count=2, drop_remainder=False)
-rows = []
-for b in loader:
-    for r in range(len(b["input_ids"])):
-        ids = b["input_ids"][r].copy()
-        m = b["masked_lm_weights"][r] > 0
-        ids[b["masked_lm_positions"][r, m]] = b["masked_lm_ids"][r, m]
-        rows.append(ids[b["attention_mask"][r] > 0].tolist())
-print(json.dumps(rows))
+for masking, packed in (("static", False), ("dynamic", False), ("dynamic", True)):
+    loader = make_loader(sys.argv[1], batch_size=4, seed=11, masking=masking, packed=packed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    batches = [next(loader) for _ in range(6)]
+    np.savez(f"{sys.argv[4]}/{masking}-{packed}-{jax.process_index()}.npz",
+             **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    if jax.process_index() == 0:
+        with open(f"{sys.argv[4]}/{masking}-{packed}-state.json", "w") as f:
+            json.dump(loader.get_state(), f)
+jax.distributed.shutdown()
 """
 
 
-def test_two_processes_read_disjoint_parts_that_cover_the_epoch(prepared):
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(prepared), str(i)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = []
+def test_two_processes_read_the_global_batches_of_one_and_resume_on_one(prepared, tmp_path):
+    """2 real processes (jax.distributed, gloo) x 4 rows == 1 process x 8 rows, batch for batch; the state
+    saved by the 2-process job continues the same global sequence in a 1-process job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(prepared), address, str(i), str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
-        assert p.returncode == 0, stderr
-        outputs.append(Counter(np.array(r, np.int32).tobytes() for r in json.loads(stdout)))
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    for masking, packed in (("static", False), ("dynamic", False), ("dynamic", True)):
+        parts = [np.load(tmp_path / f"{masking}-{packed}-{i}.npz") for i in range(2)]
+        two = [{k: np.concatenate([p[f"{i}/{k}"] for p in parts]) for k in BATCH_KEYS} for i in range(6)]
+        one = make_loader(prepared, batch_size=8, seed=11, masking=masking, packed=packed)
+        assert same(two, [{k: b[k] for k in BATCH_KEYS} for b in take(one, 6)]), (masking, packed)
+        assert not same(two[:1], two[1:2])
+        resumed = make_loader(prepared, batch_size=8, seed=11, masking=masking, packed=packed)
+        resumed.set_state(json.loads((tmp_path / f"{masking}-{packed}-state.json").read_text()))
+        assert same(take(resumed, 3), take(one, 3)), (masking, packed)
+
+
+def test_processes_read_disjoint_parts_that_cover_the_epoch(prepared):
+    kw = dict(batch_size=5, seed=11, num_epochs=1, process_count=3, drop_remainder=False, masking="dynamic")
+    parts = [restored_rows(make_loader(prepared, process_index=i, **kw)) for i in range(3)]
     everything = restored_rows(make_loader(prepared, batch_size=5, seed=0, num_epochs=1, shuffle=False,
                                            drop_remainder=False))
     n = sum(everything.values())
-    a, b = outputs
-    assert sum(a.values()) == sum(b.values()) == n // 2  # equal shares (an odd instance out is left out)
-    # as multisets: no instance is read more often than it exists (disjoint), and all but n % 2 are read (cover)
-    assert a + b <= everything and sum((everything - (a + b)).values()) == n % 2
+    assert all(sum(p.values()) == n // 3 for p in parts)  # equal shares (the n % 3 left over are left out)
+    union = parts[0] + parts[1] + parts[2]
+    assert union <= everything and sum((everything - union).values()) == n % 3
+
+
+def test_bad_prepared_data_and_settings_get_a_clear_error(prepared, minilm_dir, tmp_path):
+    import shutil
+
+    def copy(name):
+        shutil.copytree(prepared, tmp_path / name)
+        return tmp_path / name
+
+    manifest = load_manifest(prepared)
+    shard = manifest["shards"][0]["name"]
+    truncated = copy("truncated")
+    data = (truncated / shard / "tokens.npy").read_bytes()
+    (truncated / shard / "tokens.npy").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=f"{shard}/tokens.npy: unreadable or truncated"):
+        make_loader(truncated, batch_size=4, seed=0)
+    missing = copy("missing")
+    (missing / shard / "mask_inputs.npy").unlink()
+    with pytest.raises(DataError, match=f"{shard}/mask_inputs.npy: missing"):
+        make_loader(missing, batch_size=4, seed=0)
+    short = copy("short")
+    np.save(short / shard / "a_lengths.npy", np.load(short / shard / "a_lengths.npy")[:-1])
+    with pytest.raises(DataError, match=f"{shard}/a_lengths.npy: shape .* the manifest says"):
+        make_loader(short, batch_size=4, seed=0)
+    for name, edit, message in (("version", {"format_version": 99}, "format_version 99"),
+                                ("escape", {"shards": [{"name": "../outside", "instances": 1}]},
+                                 "shard name '../outside' is not a directory name")):
+        bad = copy(name)
+        (bad / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+        with pytest.raises(DataError, match=message):
+            make_loader(bad, batch_size=4, seed=0)
+    with pytest.raises(DataError, match="not the model's tokenizer"):
+        make_loader(prepared, batch_size=4, seed=0, tokenizer_sha256="0" * 64)
+    make_loader(prepared, batch_size=4, seed=0, tokenizer_sha256=manifest["tokenizer_sha256"])
+    n = manifest["counts"]["instances"]
+    with pytest.raises(DataError, match=f"fewer than one global batch of {2 * (n // 2 + 1)} rows"):
+        make_loader(prepared, batch_size=n // 2 + 1, seed=0, process_count=2)
+    with pytest.raises(DataError, match="masking must be"):
+        make_loader(prepared, batch_size=4, seed=0, masking="random")
 
 
 def test_prepare_is_independent_of_workers(minilm_dir, tmp_path):

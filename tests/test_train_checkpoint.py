@@ -250,3 +250,26 @@ def test_vocab_mismatch_is_a_config_error_before_compiling(tmp_path, prepared):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the vocabulary has 512 tokens but model.vocab_size=300" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
+
+
+def test_device_prefetch_does_not_change_the_run(tmp_path, prepared):
+    """The loop with batches sent ahead (run.prefetch=3, and 1) logs bitwise the losses of the loop that sends
+    each batch when it uses it (run.prefetch=0), and saves the same data position."""
+    runs = {}
+    for depth in (0, 1, 3):
+        out = str(tmp_path / f"prefetch{depth}")
+        cmd = [c.replace(f"--run.steps={STEPS}", "--run.steps=12") for c in _command(out, prepared)]
+        done = subprocess.run(cmd + [f"--run.prefetch={depth}", "--data.packed=true"], env=_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[depth] = (latest_by_step(read_jsonl(os.path.join(out, "metrics.jsonl"))),
+                       json.loads((tmp_path / f"prefetch{depth}" / "checkpoints_data_state" / "8" /
+                                   "process_0.json").read_text()))
+    reference, state = runs[0]
+    assert sorted(reference) == list(range(1, 13)) and state["next_batch"] == 8
+    for depth in (1, 3):
+        metrics, saved = runs[depth]
+        assert saved == state
+        for step in range(1, 13):
+            for key in COMPARED:
+                assert metrics[step][key] == reference[step][key], (depth, step, key)

@@ -1,204 +1,356 @@
-"""The pretraining loader: prepared shards -> grain pipeline -> host-local numpy batches (docs/CONTRACTS.md).
+"""The pretraining loader: prepared shards -> host-local numpy batches (docs/CONTRACTS.md), a whole batch at a time.
 
-Order is a pure function of (seed, process_index, process_count): a grain `MapDataset` over all instances is
-sharded by process (process i of n reads instances i, i+n, ...), shuffled with a new permutation every epoch,
-masked (static: the masks written by prepare; dynamic: drawn from the seed and the element's position, so every
-epoch gets new masks), optionally packed, and batched. `get_state()` / `set_state()` use grain's iterator state.
+A batch is made by array operations over the batch: the instances' tokens are gathered from the memory-mapped
+shards with one index matrix, masks are applied (static) or drawn (dynamic, `masking.mask_batch`) for all rows
+at once, and packed rows follow a plan made once from the length histogram (`packing`).
+
+Order is a function of the seed alone. The stream of units (instances, or packed rows) is every epoch's
+permutation of them, one after the other; global batch g is stream positions [g*G, (g+1)*G) with
+G = batch_size * process_count, and process i takes rows [i*batch_size, (i+1)*batch_size) of it, which is how
+`sharding.to_global` assembles a global batch. A job of 1, 2 or 8 processes thus trains on the same global
+batches, and the loader state is the index of the next global batch: it resumes on a slice of another size.
+Dynamic masks are drawn from (seed, stream position), so they are new every epoch and the same whichever
+process makes the row. Batches are made ahead in worker threads; batch g does not depend on how many there are.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
+import concurrent.futures
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from flaxbert.data import packing
 from flaxbert.data.corpus import DataError
-from flaxbert.data.masking import mask_tokens
-from flaxbert.data.shards import SHARD_ARRAYS, masking_config, load_manifest
+from flaxbert.data.masking import mask_batch
+from flaxbert.data.shards import SHARD_ARRAYS, load_manifest, masking_config
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
               "masked_lm_weights", "next_sentence_labels")
 PACKED_KEYS = BATCH_KEYS + ("instance_ids", "position_ids", "next_sentence_weights", "cls_positions")
+STATE_VERSION = 2  # 1 was grain's iterator state (per process)
+_PER_INSTANCE = ("offsets", "a_lengths", "is_random_next", "mask_offsets")
+_FLAT = {"tokens": "offsets", "word_starts": "offsets", "mask_positions": "mask_offsets",
+         "mask_inputs": "mask_offsets"}
 
 
-class PreparedSource:
-    """grain random-access source over the shards of a prepared directory; records are dicts of arrays."""
+def _seed(*parts: int) -> int:
+    """A 128-bit key from integers (for `masking.uniform` and numpy generators)."""
+    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(4, np.uint32)
+    return int(sum(int(w) << (32 * i) for i, w in enumerate(words)))
+
+
+class PreparedData:
+    """A prepared directory's shards as one virtual table of instances.
+
+    Per-instance columns (offsets, A lengths, NSP labels, mask offsets) are read into memory and made global;
+    token-level arrays stay memory-mapped. Every file is checked against the manifest when opened, so a missing
+    or truncated shard is reported with its name before any batch is made."""
 
     def __init__(self, prepared_dir: str | os.PathLike):
         self.dir = Path(prepared_dir)
         self.manifest = load_manifest(self.dir)
-        sizes = [s["instances"] for s in self.manifest["shards"]]
-        self._ends = np.cumsum(sizes)
-        self._shards: list[dict[str, np.ndarray]] | None = None
+        self.seq_len = int(self.manifest["max_seq_length"])
+        self.max_predictions = int(self.manifest["max_predictions_per_seq"])
+        self.flat: list[dict[str, np.ndarray]] = []  # per shard, memory-mapped
+        columns = collections.defaultdict(list)
+        token_base = mask_base = 0
+        for shard in self.manifest["shards"]:
+            arrays = self._open_shard(shard)
+            self.flat.append({k: arrays[k] for k in _FLAT})
+            columns["offsets"].append(arrays["offsets"][:-1] + token_base)
+            columns["mask_offsets"].append(arrays["mask_offsets"][:-1] + mask_base)
+            columns["a_lengths"].append(arrays["a_lengths"])
+            columns["is_random_next"].append(arrays["is_random_next"])
+            columns["lengths"].append(np.diff(arrays["offsets"]))
+            columns["num_masks"].append(np.diff(arrays["mask_offsets"]))
+            columns["shard"].append(np.full(len(arrays["a_lengths"]), len(self.flat) - 1, np.int32))
+            token_base += len(arrays["tokens"])
+            mask_base += len(arrays["mask_positions"])
+        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in columns.items()}
+        self.offsets, self.mask_offsets = cat.get("offsets", np.zeros(0, np.int64)), cat.get("mask_offsets")
+        self.a_lengths, self.is_random_next = cat.get("a_lengths"), cat.get("is_random_next")
+        self.lengths, self.num_masks, self.shard = cat.get("lengths"), cat.get("num_masks"), cat.get("shard")
+        self.token_base = np.cumsum([0] + [len(f["tokens"]) for f in self.flat])
+        self.mask_base = np.cumsum([0] + [len(f["mask_positions"]) for f in self.flat])
 
-    def _open(self) -> list[dict[str, np.ndarray]]:
-        if self._shards is None:  # built whole, then published: prefetch threads may race here
-            shards = []
-            for shard in self.manifest["shards"]:
-                try:
-                    shards.append({name: np.load(self.dir / shard["name"] / f"{name}.npy", mmap_mode="r")
-                                   for name in SHARD_ARRAYS})
-                except FileNotFoundError as e:
-                    raise DataError(f"{e.filename}: missing; the prepared directory is incomplete") from None
-            self._shards = shards
-        return self._shards
-
-    def __getstate__(self):  # memory maps are reopened in each worker process
-        return {**self.__dict__, "_shards": None}
+    def _open_shard(self, shard: dict) -> dict[str, np.ndarray]:
+        name = str(shard.get("name", ""))
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise DataError(f"{self.dir / 'manifest.json'}: shard name {name!r} is not a directory name inside "
+                            f"the prepared directory")
+        arrays = {}
+        for key in SHARD_ARRAYS:
+            path = self.dir / name / f"{key}.npy"
+            try:
+                arrays[key] = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                raise DataError(f"{path}: missing; the prepared directory is incomplete (prepare it again)") \
+                    from None
+            except (ValueError, OSError) as e:
+                raise DataError(f"{path}: unreadable or truncated ({e}); prepare the corpus again") from None
+        n = int(shard["instances"])
+        for key in _PER_INSTANCE + ("target_lengths",):
+            expected = n + 1 if key.endswith("offsets") else n
+            if arrays[key].shape != (expected,):
+                raise DataError(f"{self.dir / name / (key + '.npy')}: shape {arrays[key].shape}, the manifest "
+                                f"says {n} instances; the prepared directory is damaged (prepare it again)")
+        for key, offsets in _FLAT.items():
+            end = int(arrays[offsets][-1]) if n else 0
+            if arrays[key].shape != (end,):
+                raise DataError(f"{self.dir / name / (key + '.npy')}: {arrays[key].shape[0]} entries, "
+                                f"{offsets}.npy ends at {end}; the prepared directory is damaged")
+        arrays["offsets"], arrays["mask_offsets"] = np.asarray(arrays["offsets"]), np.asarray(arrays["mask_offsets"])
+        lengths = np.diff(arrays["offsets"])
+        if n and (lengths.min() < 3 or lengths.max() > self.seq_len):
+            raise DataError(f"{self.dir / name / 'offsets.npy'}: instance lengths outside [3, {self.seq_len}]")
+        return {k: (np.asarray(v) if k in _PER_INSTANCE or k == "target_lengths" else v)
+                for k, v in arrays.items()}
 
     def __len__(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
+        return len(self.offsets)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index) % len(self)  # grain may pass indices of later epochs
-        k = int(np.searchsorted(self._ends, index, side="right"))
-        i = index - (int(self._ends[k - 1]) if k else 0)
-        a = self._open()[k]
-        lo, hi = a["offsets"][i], a["offsets"][i + 1]
-        mlo, mhi = a["mask_offsets"][i], a["mask_offsets"][i + 1]
-        return {"index": index, "tokens": np.asarray(a["tokens"][lo:hi], np.int32),
-                "word_starts": np.asarray(a["word_starts"][lo:hi]), "a_length": int(a["a_lengths"][i]),
-                "is_random_next": int(a["is_random_next"][i]), "target_length": int(a["target_lengths"][i]),
-                "mask_positions": np.asarray(a["mask_positions"][mlo:mhi], np.int32),
-                "mask_inputs": np.asarray(a["mask_inputs"][mlo:mhi], np.int32)}
-
-    def __repr__(self) -> str:
-        return f"PreparedSource({self.dir})"
+    def gather(self, name: str, start: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """flat[name][start] wherever `valid` (0 elsewhere); `start` indexes the virtual concatenation."""
+        base = self.token_base if _FLAT[name] == "offsets" else self.mask_base
+        out = np.zeros(start.shape, self.flat[0][name].dtype if self.flat else np.int32)
+        shard = np.searchsorted(base, start, side="right") - 1
+        for k in np.unique(shard[valid]):
+            where = valid & (shard == k)
+            out[where] = self.flat[k][name][start[where] - base[k]]
+        return out
 
 
-def instance_features(record: dict, masked_input: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """One instance as variable-length arrays (the unit that padding and packing work on)."""
-    tokens = record["tokens"]
-    token_types = np.zeros(len(tokens), np.int32)
-    token_types[record["a_length"] + 2:] = 1
-    return {"input_ids": masked_input.astype(np.int32), "token_type_ids": token_types,
-            "masked_lm_positions": positions.astype(np.int32), "masked_lm_ids": tokens[positions].astype(np.int32),
-            "next_sentence_labels": np.array([record["is_random_next"]], np.int32)}
+class BatchMaker:
+    """Rows of instance ids [B, K] -> a batch dict; a pure function of its inputs (thread-safe)."""
+
+    def __init__(self, data: PreparedData, masking: str, packed: bool, seed: int):
+        self.data, self.masking, self.packed = data, masking, packed
+        manifest = data.manifest
+        self.mask_cfg = None
+        if masking == "dynamic":
+            self.mask_cfg = masking_config(manifest, np.load(data.dir / "replacement_ids.npy"))
+        self.mask_key = _seed(seed, 2)
+
+    def __call__(self, slots: np.ndarray, stream_rows: np.ndarray) -> dict[str, np.ndarray]:
+        d, S, P = self.data, self.data.seq_len, self.data.max_predictions
+        B, K = slots.shape
+        filled = slots >= 0
+        inst = np.where(filled, slots, 0)
+        lengths = np.where(filled, d.lengths[inst], 0)  # [B, K]
+        ends = np.cumsum(lengths, axis=1)
+        starts = ends - lengths
+        col = np.arange(S)
+        slot_of = (col[None, None, :] >= ends[:, :, None]).sum(axis=1)  # [B, S] which slot holds each column
+        valid = col[None, :] < ends[:, -1:]
+        slot_of = np.minimum(slot_of, K - 1)
+        tok_inst = np.take_along_axis(inst, slot_of, axis=1)
+        within = col[None, :] - np.take_along_axis(starts, slot_of, axis=1)  # [B, S] position in the instance
+        source = d.offsets[tok_inst] + within
+        tokens = d.gather("tokens", source, valid).astype(np.int32)
+        token_types = (valid & (within >= d.a_lengths[tok_inst] + 2)).astype(np.int32)
+        if self.masking == "static":
+            input_ids, positions, labels, weights = self._static(tokens, inst, filled, starts)
+        else:
+            word_starts = d.gather("word_starts", source, valid) if self.mask_cfg.whole_word else None
+            m = mask_batch(tokens, valid, word_starts, self.mask_cfg, self.mask_key, stream_rows)
+            input_ids, positions, labels, weights = m
+        nsp = np.where(filled, d.is_random_next[inst], 0).astype(np.int32)
+        batch = {"input_ids": input_ids, "token_type_ids": token_types, "attention_mask": valid.astype(np.int32),
+                 "masked_lm_positions": positions, "masked_lm_ids": labels, "masked_lm_weights": weights}
+        if not self.packed:
+            batch["next_sentence_labels"] = nsp[:, 0]
+            return batch
+        batch["next_sentence_labels"] = nsp
+        batch["instance_ids"] = np.where(valid, slot_of + 1, 0).astype(np.int32)
+        batch["position_ids"] = np.where(valid, within, 0).astype(np.int32)
+        batch["next_sentence_weights"] = filled.astype(np.float32)
+        batch["cls_positions"] = np.where(filled, starts, 0).astype(np.int32)
+        return batch
+
+    def _static(self, tokens, inst, filled, starts):
+        """The masks written by prepare, moved to row coordinates; a plan never puts more than P in a row."""
+        d, P = self.data, self.data.max_predictions
+        B, K = inst.shape
+        j = np.arange(P)
+        count = np.where(filled, d.num_masks[inst], 0)  # [B, K]
+        valid = j[None, None, :] < count[:, :, None]  # [B, K, P]
+        source = d.mask_offsets[inst][:, :, None] + j
+        positions = d.gather("mask_positions", source, valid).astype(np.int64) + starts[:, :, None]
+        values = d.gather("mask_inputs", source, valid).astype(np.int32)
+        # compact each row's [K * P] candidates to P slots (slots are in row order already)
+        order = np.argsort(~valid.reshape(B, K * P), axis=1, kind="stable")[:, :P]
+        weights = np.take_along_axis(valid.reshape(B, -1), order, axis=1)
+        positions = np.where(weights, np.take_along_axis(positions.reshape(B, -1), order, axis=1), 0)
+        values = np.take_along_axis(values.reshape(B, -1), order, axis=1)
+        labels = np.where(weights, np.take_along_axis(tokens, positions, axis=1), 0)
+        input_ids = tokens.copy()
+        b = np.nonzero(weights)
+        input_ids[b[0], positions[b]] = values[b]
+        return input_ids, positions.astype(np.int32), labels.astype(np.int32), weights.astype(np.float32)
 
 
-def static_features(record: dict) -> dict[str, np.ndarray]:
-    masked = record["tokens"].copy()
-    masked[record["mask_positions"]] = record["mask_inputs"]
-    return instance_features(record, masked, record["mask_positions"])
+class Order:
+    """Which units (instances, or packed rows of instance ids) sit at each stream position, epoch by epoch."""
 
+    def __init__(self, data: PreparedData, *, seed: int, shuffle: bool, packed: bool, masking: str,
+                 max_instances: int):
+        self.data, self.seed, self.shuffle = data, seed, shuffle
+        self.plan = None
+        if packed:
+            sizes = data.lengths
+            if masking == "static":  # reserve room for the instance's share of the row's prediction slots
+                sizes = np.maximum(sizes, -(-data.num_masks * data.seq_len // data.max_predictions))
+            self.sizes = np.minimum(sizes, data.seq_len).astype(np.int64)
+            self.plan = packing.plan(self.sizes, data.seq_len, max_instances)
+        self.units = self.plan.num_rows if packed else len(data)
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
-class _DynamicMask:
-    """grain RandomMap: draws new masks from the element's rng (seeded by seed and position, so per epoch)."""
+    def epoch(self, e: int) -> np.ndarray:
+        """[units, K] instance ids of epoch e in stream order (K = 1 unpacked)."""
+        if e not in self._cache:
+            rng = np.random.default_rng(_seed(self.seed, 1, e))
+            instances = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
+            if self.plan is None:
+                units = instances[:, None]
+            else:
+                units = packing.deal(self.plan, self.sizes, instances)
+                if self.shuffle:
+                    units = units[rng.permutation(len(units))]
+            self._cache[e] = units
+            while len(self._cache) > 2:  # a batch spans at most two epochs once units >= G
+                self._cache.popitem(last=False)
+        return self._cache[e]
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        masked = mask_tokens(record["tokens"], record["word_starts"], self.cfg, rng)
-        return instance_features(record, masked.input_ids, masked.positions)
-
-
-def pad(array: np.ndarray, length: int, value: int = 0) -> np.ndarray:
-    """Right-pad a 1-D array to `length` (the only padding in the data layer)."""
-    return np.concatenate([array, np.full(length - len(array), value, array.dtype)])
-
-
-def padded_row(features: dict[str, np.ndarray], seq_len: int, max_predictions: int) -> dict[str, np.ndarray]:
-    """An unpacked row in the batch contract: fixed [S] / [P] shapes, weights and attention mask."""
-    n, m = len(features["input_ids"]), len(features["masked_lm_positions"])
-    return {"input_ids": pad(features["input_ids"], seq_len),
-            "token_type_ids": pad(features["token_type_ids"], seq_len),
-            "attention_mask": pad(np.ones(n, np.int32), seq_len),
-            "masked_lm_positions": pad(features["masked_lm_positions"], max_predictions),
-            "masked_lm_ids": pad(features["masked_lm_ids"], max_predictions),
-            "masked_lm_weights": pad(np.ones(m, np.float32), max_predictions),
-            "next_sentence_labels": features["next_sentence_labels"][0]}
-
-
-def _mixed_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(positions, self.units)
+        out = np.empty((len(positions), 1 if self.plan is None else self.plan.max_instances), np.int64)
+        for e in np.unique(epochs):
+            out[epochs == e] = self.epoch(int(e))[within[epochs == e]]
+        return out
 
 
 class Loader:
-    """Iterator of batch dicts with `get_state()` / `set_state()`; `manifest` describes the prepared data."""
+    """Iterator of host-local batch dicts with `get_state()` / `set_state()`; `manifest` describes the data."""
 
-    def __init__(self, dataset, manifest: dict, settings: dict):
-        self._dataset = dataset
-        self._iterator = iter(dataset)
-        self.manifest = manifest
-        self.settings = settings
+    def __init__(self, order: Order, maker: BatchMaker, manifest: dict, settings: dict, *, batch_size: int,
+                 process_index: int, process_count: int, num_batches: int | None, last_rows: int,
+                 threads: int, depth: int):
+        self._order, self._maker = order, maker
+        self.manifest, self.settings = manifest, settings
+        self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
+        self.num_batches, self._last_rows = num_batches, last_rows  # rows per process in the last batch
+        self._next = 0  # the next global batch to hand out
+        self._lock = threading.Lock()  # the order cache is shared by the workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
+        self._depth = max(depth, 1)
+        self._queue: collections.deque = collections.deque()  # futures of batches _next, _next + 1, ...
+
+    def batch(self, g: int) -> dict[str, np.ndarray]:
+        """Global batch g's rows for this process (a pure function of g and the settings)."""
+        b = self._last_rows if self.num_batches is not None and g == self.num_batches - 1 else self.batch_size
+        first = g * self.batch_size * self.process_count + self.process_index * b
+        positions = np.arange(first, first + b, dtype=np.int64)
+        with self._lock:
+            slots = self._order.rows(positions)
+        return self._maker(slots, positions)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        if self.num_batches is not None and self._next >= self.num_batches:
+            raise StopIteration
+        if self._pool is None:
+            out = self.batch(self._next)
+        else:
+            ahead = self._next + len(self._queue)
+            while len(self._queue) < self._depth and (self.num_batches is None or ahead < self.num_batches):
+                self._queue.append(self._pool.submit(self.batch, ahead))
+                ahead += 1
+            out = self._queue.popleft().result()
+        self._next += 1
+        return out
 
     def get_state(self) -> dict:
-        """A small JSON-serialisable dict; `set_state` on a loader built with the same settings resumes exactly."""
-        return {"settings": self.settings, "iterator": json.loads(json.dumps(self._iterator.get_state()))}
+        """A small JSON-serialisable dict, the same in every process: the next global batch and the settings."""
+        return {"version": STATE_VERSION, "settings": self.settings, "next_batch": self._next}
 
     def set_state(self, state: dict) -> None:
-        if state.get("settings") != self.settings:
-            diff = {k: (v, self.settings.get(k)) for k, v in state.get("settings", {}).items()
-                    if self.settings.get(k) != v}
-            raise DataError(f"loader state was saved with other settings (saved, now): {diff}")
-        self._iterator.set_state(state["iterator"])
+        if state.get("version") != STATE_VERSION:
+            raise DataError("the saved loader state comes from another flaxbert loader (state version "
+                            f"{state.get('version', 1)!r}, this one reads {STATE_VERSION}); resume is not possible "
+                            "with this checkpoint's data position")
+        saved = state.get("settings", {})
+        if saved != self.settings:
+            diff = {k: (saved.get(k), self.settings.get(k)) for k in sorted(set(saved) | set(self.settings))
+                    if saved.get(k) != self.settings.get(k)}
+            raise DataError("the saved loader state was made with other data settings; "
+                            + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        for future in self._queue:
+            future.cancel()
+        self._queue.clear()
+        self._next = int(state["next_batch"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def prepared_id(manifest: dict) -> str:
+    """A fingerprint of a prepared directory (its manifest without the timing)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "throughput"},
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                 masking: str = "static", packed: bool = False, max_instances_per_row: int = 8,
-                packing_bins: int | None = None, drop_remainder: bool = True, prefetch_threads: int = 2,
-                prefetch_buffer_size: int | None = None) -> Loader:
-    """Batches of `batch_size` rows (per process) from a prepared directory, per docs/CONTRACTS.md.
+                drop_remainder: bool = True, prefetch_threads: int = 2, prefetch_depth: int = 4,
+                tokenizer_sha256: str | None = None) -> Loader:
+    """Batches of `batch_size` rows (this process's share of a global batch of batch_size * process_count).
 
-    `num_epochs=None` repeats forever (batches then run across epoch boundaries). Each process reads
-    `len // process_count` instances (the remainder, under `process_count` instances, is left out so every
-    process yields the same number of batches). `packed=True` first-fit packs up to `max_instances_per_row`
-    instances into each row (grain `FirstFitPackIterDataset`). Reading, masking and padding run in
-    `prefetch_threads` grain threads. (grain's `mp_prefetch` is not offered: with grain 0.2.18 its batches
-    depend on the worker count and its restored state did not resume exactly in our test.)
+    `num_epochs=None` repeats forever (batches then run across epoch boundaries); with a finite count the last
+    partial global batch is dropped, or with `drop_remainder=False` kept, cut to a multiple of the process
+    count so every process gets as many rows. `packed=True` puts up to `max_instances_per_row` instances in a
+    row (see `packing`). `prefetch_threads` worker threads make the next `prefetch_depth` batches ahead
+    (0 threads: made on demand). `tokenizer_sha256`, when given, must match the tokenizer of the prepared data.
     """
-    import grain
-
     if masking not in ("static", "dynamic"):
         raise DataError(f"masking must be 'static' or 'dynamic', got {masking!r}")
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is outside [0, {process_count})")
-    source = PreparedSource(prepared_dir)
-    manifest = source.manifest
-    seq_len, max_pred = manifest["max_seq_length"], manifest["max_predictions_per_seq"]
-    per_process = len(source) // process_count
-    if per_process < (1 if packed else batch_size) and drop_remainder:
-        raise DataError(f"{prepared_dir}: {len(source)} instances give each of {process_count} processes "
-                        f"{per_process}, fewer than one batch of {batch_size}")
-    ds = grain.MapDataset.source(source)[process_index:per_process * process_count:process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=_mixed_seed(seed, 1))
-    ds = ds.repeat(num_epochs)
-    if masking == "static":
-        ds = ds.map(static_features)
-    else:
-        cfg = masking_config(manifest, np.load(Path(prepared_dir) / "replacement_ids.npy"))
-        ds = ds.random_map(_DynamicMask(cfg), seed=_mixed_seed(seed, 2, process_index))
-    options = grain.ReadOptions(num_threads=prefetch_threads,
-                                prefetch_buffer_size=prefetch_buffer_size or 4 * batch_size)
-    if packed:
-        from flaxbert.data.packing import pack, packed_batch
-
-        it = pack(ds.to_iter_dataset(options), seq_len=seq_len, max_predictions=max_pred,
-                  max_instances=max_instances_per_row, num_bins=packing_bins or max(batch_size, 8),
-                  seed=_mixed_seed(seed, 3))
-        it = it.batch(batch_size, drop_remainder=drop_remainder).map(packed_batch)
-    else:
-        it = ds.map(functools.partial(padded_row, seq_len=seq_len, max_predictions=max_pred)).to_iter_dataset(options)
-        it = it.batch(batch_size, drop_remainder=drop_remainder)
-    prepared_id = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "throughput"},
-                                            sort_keys=True).encode()).hexdigest()[:16]
-    settings = {"prepared": prepared_id, "batch_size": batch_size,
-                "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "process_index": process_index,
-                "process_count": process_count, "masking": masking, "packed": packed,
-                "max_instances_per_row": max_instances_per_row, "packing_bins": packing_bins,
+    if batch_size < 1 or max_instances_per_row < 1:
+        raise DataError(f"batch_size and max_instances_per_row must be positive, got {batch_size} and "
+                        f"{max_instances_per_row}")
+    data = PreparedData(prepared_dir)
+    manifest = data.manifest
+    if tokenizer_sha256 is not None and manifest.get("tokenizer_sha256") != tokenizer_sha256:
+        raise DataError(f"{data.dir}: prepared with tokenizer {manifest.get('tokenizer')!r} (sha256 "
+                        f"{str(manifest.get('tokenizer_sha256'))[:12]}...), not the model's tokenizer "
+                        f"({tokenizer_sha256[:12]}...); prepare the corpus again with the model's tokenizer")
+    order = Order(data, seed=seed, shuffle=shuffle, packed=packed, masking=masking,
+                  max_instances=max_instances_per_row)
+    G = batch_size * process_count
+    num_batches, last_rows = None, batch_size
+    if num_epochs is not None:
+        total = num_epochs * order.units
+        num_batches, rest = divmod(total, G)
+        if rest // process_count and not drop_remainder:
+            num_batches, last_rows = num_batches + 1, rest // process_count
+    if num_batches == 0 or (drop_remainder and order.units < G):
+        raise DataError(f"{prepared_dir}: {len(data)} instances ({order.units} rows) give fewer than one global "
+                        f"batch of {G} rows ({batch_size} per process x {process_count} processes)")
+    settings = {"prepared": prepared_id(manifest), "global_batch_size": G, "seed": seed, "shuffle": shuffle,
+                "num_epochs": num_epochs, "masking": masking, "packed": packed,
+                "max_instances_per_row": max_instances_per_row if packed else None,
                 "drop_remainder": drop_remainder}
-    return Loader(it, manifest, settings)
+    return Loader(order, BatchMaker(data, masking, packed, seed), manifest, settings, batch_size=batch_size,
+                  process_index=process_index, process_count=process_count, num_batches=num_batches,
+                  last_rows=last_rows, threads=prefetch_threads, depth=prefetch_depth)

@@ -70,3 +70,91 @@ def mask_tokens(tokens: np.ndarray, word_starts: np.ndarray, cfg: MaskingConfig,
     input_ids = tokens.copy()
     input_ids[positions] = replaced
     return Masked(input_ids, positions.astype(np.int32), labels.astype(np.int32))
+
+
+# ----- batch masking ------------------------------------------------------------------------------------------
+# The loader masks whole batches at once. Its random numbers come from a counter-based generator: the draws of a
+# row are a pure function of (key, row id), so a row gets the same masks whichever process, thread or batch
+# computes it, and resuming needs no generator state.
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele, Lea and Flood 2014): a bijection of uint64 with full avalanche."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform(key: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """[len(rows), width] float64 draws in [0, 1): draw (r, c) depends only on (key, rows[r], c)."""
+    counter = np.asarray(rows, np.uint64)[:, None] * np.uint64(width) + np.arange(width, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = _mix64(_mix64(counter * _GOLDEN + np.uint64(key % 2**64)) ^ np.uint64((key >> 64) % 2**64))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+class BatchMasked(NamedTuple):
+    input_ids: np.ndarray  # [B, S] the rows with replacements applied
+    positions: np.ndarray  # [B, P] sorted predicted positions, then 0-padding
+    labels: np.ndarray  # [B, P] the original ids there (0 in padding slots)
+    weights: np.ndarray  # [B, P] float32, 1 for a prediction
+
+
+def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: np.ndarray,
+                          count: np.ndarray) -> np.ndarray:
+    """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`."""
+    B, S = maskable.shape
+    after_special = np.concatenate([np.ones((B, 1), bool), ~maskable[:, :-1]], axis=1)
+    opens = maskable & (word_starts.astype(bool) | after_special)
+    col = np.arange(S)
+    start_of = np.maximum.accumulate(np.where(opens, col, 0), axis=1)  # [B, S] the column opening each token's word
+    flat = (np.arange(B)[:, None] * S + start_of)[maskable]
+    sizes = np.bincount(flat, minlength=B * S).reshape(B, S)  # [B, S] word size at its opening column, else 0
+    order = np.argsort(np.where(opens, keys, 2.0), axis=1, kind="stable")  # words in random order, then the rest
+    ordered = np.take_along_axis(sizes, order, axis=1)
+    taken = np.zeros((B, S), bool)
+    total = np.zeros(B, np.int64)
+    for k in range(int(opens.sum(axis=1).max(initial=0))):  # google-research/bert: skip a word that overshoots
+        size = ordered[:, k]
+        take = (size > 0) & (total + size <= count)
+        total += np.where(take, size, 0)
+        taken[:, k] = take
+    chosen_open = np.zeros((B, S), bool)
+    np.put_along_axis(chosen_open, order, taken, axis=1)
+    return maskable & np.take_along_axis(chosen_open, start_of, axis=1)
+
+
+def mask_batch(tokens: np.ndarray, valid: np.ndarray, word_starts: np.ndarray | None, cfg: MaskingConfig,
+               key: int, rows: np.ndarray) -> BatchMasked:
+    """`mask_tokens` over a padded batch [B, S] at once: a `masked_lm_prob` share of each row's maskable tokens
+    (stochastic rounding, at most `max_predictions_per_seq`), whole words if `cfg.whole_word`, then 80/10/10.
+
+    `valid` [B, S] marks real tokens; `rows` [B] are the rows' ids for the counter-based generator."""
+    B, S = tokens.shape
+    P = cfg.max_predictions_per_seq
+    u = uniform(key, rows, S + 1 + 2 * P)
+    select_keys, u_round, u_kind, u_id = u[:, :S], u[:, S], u[:, S + 1:S + 1 + P], u[:, S + 1 + P:]
+    maskable = valid & ~cfg.is_special[tokens]
+    candidates = maskable.sum(axis=1)
+    expected = cfg.masked_lm_prob * candidates
+    count = np.minimum(np.floor(expected).astype(np.int64) + (u_round < expected - np.floor(expected)),
+                       np.minimum(P, candidates))
+    if cfg.whole_word:
+        selected = _whole_word_selection(maskable, word_starts, select_keys, count)
+    else:
+        rank = np.argsort(np.argsort(np.where(maskable, select_keys, 2.0), axis=1), axis=1)
+        selected = rank < count[:, None]
+    # [B, P]: selected columns in increasing order, then S (padding)
+    positions = np.sort(np.where(selected, np.arange(S), S), axis=1)[:, :P]
+    weights = positions < S
+    positions = np.where(weights, positions, 0)
+    labels = np.where(weights, np.take_along_axis(tokens, positions, axis=1), 0)
+    random_ids = cfg.replacement_ids[np.minimum((u_id * len(cfg.replacement_ids)).astype(np.int64),
+                                                len(cfg.replacement_ids) - 1)]
+    replaced = np.where(u_kind < cfg.mask_prob, cfg.mask_id,
+                        np.where(u_kind < cfg.mask_prob + cfg.random_prob, random_ids, labels))
+    input_ids = tokens.copy()
+    b = np.nonzero(weights)
+    input_ids[b[0], positions[b]] = replaced[b]
+    return BatchMasked(input_ids, positions.astype(np.int32), labels.astype(np.int32), weights.astype(np.float32))

@@ -1,51 +1,86 @@
-"""Sequence packing: several NSP instances per row, with per-instance ids, positions, MLM and NSP targets.
+"""Sequence packing plans: which instances share a row, decided once from the length histogram.
 
-grain's `FirstFitPackIterDataset` packs the variable-length instance features; `packed_batch` turns its
-segment ids / positions into the packed batch contract of docs/CONTRACTS.md: `instance_ids` (1..k, 0 = pad),
-`position_ids` restarting at 0 for every instance, `cls_positions` and per-instance NSP labels/weights, and
-masked-LM positions shifted from instance to row coordinates. The model must keep attention inside an instance.
+The plan follows the idea of Krell et al. 2021 ("Efficient sequence packing without cross-contamination"):
+packing depends only on how many instances there are of each size, so it is solved once on the histogram
+(longest sizes first, each into the open pack with the least room that still fits it, "shortest pack first")
+and gives a list of strategies: a tuple of sizes and how many rows use it. Every epoch then only deals
+instances, in that epoch's random order, into the strategies' slots, which is a few numpy operations.
+
+A row holds at most `max_instances` instances and `seq_len` tokens. An instance's size is its length, or more
+when its static masks need more than its share of the row's `max_predictions` slots, so that no planned row
+ever has more predictions than fit.
 """
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass
+
 import numpy as np
 
-PACKED_FEATURES = ("input_ids", "token_type_ids", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
+
+@dataclass(frozen=True)
+class PackingPlan:
+    strategies: tuple[tuple[tuple[int, ...], int], ...]  # (sizes in the row, number of rows)
+    max_instances: int
+
+    @property
+    def num_rows(self) -> int:
+        return sum(count for _, count in self.strategies)
 
 
-def pack(dataset, *, seq_len: int, max_predictions: int, max_instances: int, num_bins: int, seed: int):
-    """First-fit pack an IterDataset of `instance_features` dicts into rows of `seq_len` tokens.
+def plan(sizes: np.ndarray, seq_len: int, max_instances: int) -> PackingPlan:
+    """Strategies that pack every instance of the given sizes (1..seq_len) into rows of `seq_len`."""
+    histogram = np.bincount(np.asarray(sizes, np.int64), minlength=seq_len + 1)
+    if len(histogram) > seq_len + 1 or histogram[0]:
+        raise ValueError(f"instance sizes must be in [1, {seq_len}]")
+    open_room: list[int] = []  # sorted rooms that have open packs
+    packs: dict[int, list[list]] = {}  # room -> open packs [sizes, count] with that room left
+    done: list[tuple[tuple[int, ...], int]] = []
 
-    A row holds at most `max_instances` instances and `max_predictions` masked positions in total.
-    """
-    from grain.experimental import FirstFitPackIterDataset
+    def put(sizes_: tuple[int, ...], count: int) -> None:
+        room = seq_len - sum(sizes_)
+        if room == 0 or len(sizes_) == max_instances:
+            done.append((sizes_, count))
+            return
+        if room not in packs:
+            packs[room] = []
+            bisect.insort(open_room, room)
+        packs[room].append([sizes_, count])
 
-    lengths = {"input_ids": seq_len, "token_type_ids": seq_len, "masked_lm_positions": max_predictions,
-               "masked_lm_ids": max_predictions, "next_sentence_labels": max_instances}
-    return FirstFitPackIterDataset(dataset, length_struct=lengths, num_packing_bins=num_bins, seed=seed,
-                                   shuffle_bins=True, max_sequences_per_bin=max_instances)
+    for size in range(seq_len, 0, -1):
+        left = int(histogram[size])
+        while left:
+            i = bisect.bisect_left(open_room, size)  # the least room that fits
+            if i == len(open_room):
+                put((size,), left)
+                break
+            room = open_room[i]
+            pack = packs[room][-1]
+            take = min(left, pack[1])
+            pack[1] -= take
+            if not pack[1]:
+                packs[room].pop()
+                if not packs[room]:
+                    del packs[room]
+                    open_room.pop(i)
+            put(pack[0] + (size,), take)
+            left -= take
+    done.extend((sizes_, count) for room in open_room for sizes_, count in packs[room])
+    return PackingPlan(tuple(sorted(done)), max_instances)
 
 
-def packed_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A batch of grain-packed rows -> the packed batch contract (all [B, S], [B, P] or [B, K])."""
-    instance_ids = batch["input_ids_segment_ids"].astype(np.int32)  # [B, S]
-    num_instances = batch["next_sentence_labels"].shape[1]
-    # [B, K]: row index of each instance's first token ([CLS]); 0 for empty slots (weight 0)
-    cls_positions = np.stack([np.argmax(instance_ids == k, axis=1) for k in range(1, num_instances + 1)], axis=1)
-    mlm_instance = batch["masked_lm_positions_segment_ids"]  # [B, P], 0 = padding slot
-    offsets = np.take_along_axis(cls_positions, np.maximum(mlm_instance - 1, 0), axis=1)
-    mlm_valid = mlm_instance > 0
-    nsp_valid = batch["next_sentence_labels_segment_ids"] > 0
-    return {
-        "input_ids": batch["input_ids"].astype(np.int32),
-        "token_type_ids": batch["token_type_ids"].astype(np.int32),
-        "attention_mask": (instance_ids > 0).astype(np.int32),
-        "instance_ids": instance_ids,
-        "position_ids": batch["input_ids_positions"].astype(np.int32),
-        "masked_lm_positions": np.where(mlm_valid, batch["masked_lm_positions"] + offsets, 0).astype(np.int32),
-        "masked_lm_ids": np.where(mlm_valid, batch["masked_lm_ids"], 0).astype(np.int32),
-        "masked_lm_weights": mlm_valid.astype(np.float32),
-        "next_sentence_labels": np.where(nsp_valid, batch["next_sentence_labels"], 0).astype(np.int32),
-        "next_sentence_weights": nsp_valid.astype(np.float32),
-        "cls_positions": np.where(nsp_valid, cls_positions, 0).astype(np.int32),
-    }
+def deal(packing: PackingPlan, sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """[num_rows, max_instances] instance ids (-1 = empty slot): the instances, taken in `order`, dealt into
+    the plan's slots (each size's instances fill that size's slots in order). Rows come out grouped by
+    strategy; the caller shuffles them."""
+    by_size = order[np.argsort(sizes[order], kind="stable")]  # grouped by size, `order` kept within a size
+    next_of = np.concatenate([[0], np.cumsum(np.bincount(sizes, minlength=int(sizes.max(initial=0)) + 1))])
+    rows = np.full((packing.num_rows, packing.max_instances), -1, np.int64)
+    r = 0
+    for strategy, count in packing.strategies:
+        for slot, size in enumerate(strategy):
+            rows[r:r + count, slot] = by_size[next_of[size]:next_of[size] + count]
+            next_of[size] += count
+        r += count
+    return rows

@@ -93,6 +93,10 @@ class Checkpointer:
         if meta.get("fingerprint") != fingerprint(restored["state"]):
             raise ValueError("restored arrays do not match the fingerprint saved with them")
         data_file = self.data_dir / str(step) / f"process_{jax.process_index()}.json"
+        if not data_file.exists() and (self.data_dir / str(step) / "process_0.json").exists():
+            # a job resumed on more processes than saved it: loader states that are the same in every
+            # process (the pretraining loader's) carry over; the loader refuses any other kind
+            data_file = self.data_dir / str(step) / "process_0.json"
         if not data_file.exists():
             raise ValueError(f"data iterator state {data_file} is missing")
         return restored["state"], json.loads(data_file.read_text()), meta

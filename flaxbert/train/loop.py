@@ -3,6 +3,7 @@ step, logging/eval/checkpoints, NaN handling and clean preemption (SIGTERM/SIGIN
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -123,11 +124,18 @@ class _Engine:
         return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
                             host, self.shardings)
 
-    def step(self, state, batch):
+    def put(self, batch: dict) -> dict:
+        """A host-local batch -> device arrays in the step's input layout (the transfer starts now)."""
         if self.cfg.run.step_impl == "pmap":
-            state, m = self.fn(state, shd.to_pmap(batch, self.n))
+            devices = jax.local_devices()
+            return {k: jax.device_put_sharded(list(v), devices) for k, v in shd.to_pmap(batch, self.n).items()}
+        return shd.to_global(batch, self.mesh)
+
+    def step(self, state, device_batch):
+        state, m = self.fn(state, device_batch)
+        if self.cfg.run.step_impl == "pmap":
             return state, jax.tree.map(lambda x: x[0], m)
-        return self.fn(state, shd.to_global(batch, self.mesh))
+        return state, m
 
     def evaluate(self, state, batches: Iterable[dict], limit: int) -> dict:
         total = None
@@ -141,6 +149,36 @@ class _Engine:
             stats = jax.device_get(stats)
             total = stats if total is None else jax.tree.map(np.add, total, stats)
         return {k: float(v) for k, v in st.summarize(total).items()} if total is not None else {}
+
+
+class DevicePrefetch:
+    """Batches already on the devices: `fill()` sends the next `depth` while the current step runs.
+
+    `get_state()` is the wrapped loader's state before the first batch not yet handed out, so a checkpoint
+    never skips the batches that were only prefetched."""
+
+    def __init__(self, batches: Iterator[dict], put: Callable[[dict], dict], depth: int):
+        self._batches, self._put, self._depth = batches, put, depth
+        self._queue: collections.deque = collections.deque()  # (loader state before it, device batch)
+
+    def fill(self) -> None:
+        while len(self._queue) < self._depth:
+            state = self._batches.get_state()
+            batch = next(self._batches, None)
+            if batch is None:
+                return
+            self._queue.append((state, self._put(batch)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._queue:
+            return self._queue.popleft()[1]
+        return self._put(next(self._batches))
+
+    def get_state(self):
+        return self._queue[0][0] if self._queue else self._batches.get_state()
 
 
 def train(cfg: rc.RunConfig, task: Task) -> Result:
@@ -222,15 +260,18 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
         timer.update(t=now, steps=0, compiled=True)
         return None
 
+    batches = DevicePrefetch(task.train_batches, engine.put, r.prefetch)
+
     def save(step_now: int) -> None:
-        checkpointer.save(step_now, engine.to_global(state), task.train_batches.get_state())
+        checkpointer.save(step_now, engine.to_global(state), batches.get_state())
 
     reason, message = "finished", ""
     with _StopFlag() as stop:
         step_now = start
         while step_now < r.steps:
-            batch = next(task.train_batches)
-            state, m = engine.step(state, batch)
+            batch = next(batches)
+            state, m = engine.step(state, batch)  # dispatched; the device works while the host goes on
+            batches.fill()
             step_now += 1
             pending.append((step_now, m))
             timer["steps"] += 1
