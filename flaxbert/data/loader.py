@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxbert.data import packing
 from flaxbert.data.corpus import DataError
-from flaxbert.data.masking import mask_batch
+from flaxbert.data.masking import compact, mask_batch
 from flaxbert.data.shards import SHARD_ARRAYS, load_manifest, masking_config
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
@@ -63,7 +63,7 @@ class PreparedData:
         token_base = mask_base = 0
         for shard in self.manifest["shards"]:
             arrays = self._open_shard(shard)
-            self.flat.append({k: arrays[k] for k in _FLAT})
+            self.flat.append({k: np.asarray(arrays[k]) for k in _FLAT})  # plain views of the maps: faster takes
             columns["offsets"].append(arrays["offsets"][:-1] + token_base)
             columns["mask_offsets"].append(arrays["mask_offsets"][:-1] + mask_base)
             columns["a_lengths"].append(arrays["a_lengths"])
@@ -116,15 +116,27 @@ class PreparedData:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def gather(self, name: str, start: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """flat[name][start] wherever `valid` (0 elsewhere); `start` indexes the virtual concatenation."""
-        base = self.token_base if _FLAT[name] == "offsets" else self.mask_base
-        out = np.zeros(start.shape, self.flat[0][name].dtype if self.flat else np.int32)
-        shard = np.searchsorted(base, start, side="right") - 1
-        for k in np.unique(shard[valid]):
-            where = valid & (shard == k)
-            out[where] = self.flat[k][name][start[where] - base[k]]
-        return out
+    def gather(self, names: tuple[str, ...], index: np.ndarray, valid: np.ndarray,
+               shard: np.ndarray) -> list[np.ndarray]:
+        """flat[name][index] for each name, wherever `valid` (0 elsewhere). `index` points into the virtual
+        concatenation of the shards and `shard` [same shape] says which shard holds each element; the names
+        must share one offsets column (tokens and word_starts, or mask_positions and mask_inputs)."""
+        base = self.token_base if _FLAT[names[0]] == "offsets" else self.mask_base
+        if len(self.flat) == 1:
+            where = np.where(valid, index, 0)
+            return [np.where(valid, np.take(self.flat[0][n], where), 0) for n in names]
+        outs = [np.zeros(index.shape, self.flat[0][n].dtype) for n in names]
+        flat_shard = np.where(valid, shard, -1).ravel().astype(np.int16)
+        order = np.argsort(flat_shard, kind="stable")  # a radix sort for 16-bit keys: elements grouped by shard
+        bounds = np.searchsorted(flat_shard[order], np.arange(len(self.flat) + 1))
+        flat_index = index.ravel()
+        for k in range(len(self.flat)):
+            where = order[bounds[k]:bounds[k + 1]]
+            if len(where):
+                local = flat_index[where] - base[k]
+                for n, out in zip(names, outs):
+                    out.reshape(-1)[where] = np.take(self.flat[k][n], local)
+        return outs
 
 
 class BatchMaker:
@@ -147,19 +159,23 @@ class BatchMaker:
         ends = np.cumsum(lengths, axis=1)
         starts = ends - lengths
         col = np.arange(S)
-        slot_of = (col[None, None, :] >= ends[:, :, None]).sum(axis=1)  # [B, S] which slot holds each column
+        # [B, S] which slot holds each column: the count of slot ends at or before it
+        marks = np.bincount((np.arange(B)[:, None] * (S + 1) + ends).ravel(), minlength=B * (S + 1))
+        slot_of = np.minimum(np.cumsum(marks.reshape(B, S + 1)[:, :S], axis=1), K - 1)
         valid = col[None, :] < ends[:, -1:]
-        slot_of = np.minimum(slot_of, K - 1)
         tok_inst = np.take_along_axis(inst, slot_of, axis=1)
         within = col[None, :] - np.take_along_axis(starts, slot_of, axis=1)  # [B, S] position in the instance
         source = d.offsets[tok_inst] + within
-        tokens = d.gather("tokens", source, valid).astype(np.int32)
+        tok_shard = d.shard[tok_inst]
+        whole_word = self.mask_cfg is not None and self.mask_cfg.whole_word
+        gathered = d.gather(("tokens", "word_starts") if whole_word else ("tokens",), source, valid, tok_shard)
+        tokens = gathered[0].astype(np.int32)
         token_types = (valid & (within >= d.a_lengths[tok_inst] + 2)).astype(np.int32)
         if self.masking == "static":
             input_ids, positions, labels, weights = self._static(tokens, inst, filled, starts)
         else:
-            word_starts = d.gather("word_starts", source, valid) if self.mask_cfg.whole_word else None
-            m = mask_batch(tokens, valid, word_starts, self.mask_cfg, self.mask_key, stream_rows)
+            m = mask_batch(tokens, valid, gathered[1] if whole_word else None, self.mask_cfg, self.mask_key,
+                           stream_rows)
             input_ids, positions, labels, weights = m
         nsp = np.where(filled, d.is_random_next[inst], 0).astype(np.int32)
         batch = {"input_ids": input_ids, "token_type_ids": token_types, "attention_mask": valid.astype(np.int32),
@@ -182,18 +198,20 @@ class BatchMaker:
         count = np.where(filled, d.num_masks[inst], 0)  # [B, K]
         valid = j[None, None, :] < count[:, :, None]  # [B, K, P]
         source = d.mask_offsets[inst][:, :, None] + j
-        positions = d.gather("mask_positions", source, valid).astype(np.int64) + starts[:, :, None]
-        values = d.gather("mask_inputs", source, valid).astype(np.int32)
-        # compact each row's [K * P] candidates to P slots (slots are in row order already)
-        order = np.argsort(~valid.reshape(B, K * P), axis=1, kind="stable")[:, :P]
-        weights = np.take_along_axis(valid.reshape(B, -1), order, axis=1)
-        positions = np.where(weights, np.take_along_axis(positions.reshape(B, -1), order, axis=1), 0)
-        values = np.take_along_axis(values.reshape(B, -1), order, axis=1)
-        labels = np.where(weights, np.take_along_axis(tokens, positions, axis=1), 0)
+        shard = np.broadcast_to(d.shard[inst][:, :, None], source.shape)
+        positions, values = d.gather(("mask_positions", "mask_inputs"), source, valid, shard)
+        positions = positions.astype(np.int64) + starts[:, :, None]
+        # each row's [K * P] candidates (in row order already) into P slots
+        b, c, slot = compact(valid.reshape(B, K * P), P)
+        out_positions = np.zeros((B, P), np.int32)
+        out_positions[b, slot] = positions.reshape(B, -1)[b, c]
+        weights = np.zeros((B, P), np.float32)
+        weights[b, slot] = 1.0
+        labels = np.zeros((B, P), np.int32)
+        labels[b, slot] = tokens[b, out_positions[b, slot]]
         input_ids = tokens.copy()
-        b = np.nonzero(weights)
-        input_ids[b[0], positions[b]] = values[b]
-        return input_ids, positions.astype(np.int32), labels.astype(np.int32), weights.astype(np.float32)
+        input_ids[b, out_positions[b, slot]] = values.reshape(B, -1)[b, c]
+        return input_ids, out_positions, labels, weights
 
 
 class Order:

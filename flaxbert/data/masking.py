@@ -87,11 +87,14 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 def uniform(key: int, rows: np.ndarray, width: int) -> np.ndarray:
-    """[len(rows), width] float64 draws in [0, 1): draw (r, c) depends only on (key, rows[r], c)."""
-    counter = np.asarray(rows, np.uint64)[:, None] * np.uint64(width) + np.arange(width, dtype=np.uint64)
+    """[len(rows), width] float32 draws in [0, 1) with 32 random bits each (two per 64-bit hash): draw (r, c)
+    depends only on (key, rows[r], c)."""
+    words = (width + 1) // 2
+    counter = np.asarray(rows, np.uint64)[:, None] * np.uint64(words) + np.arange(words, dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = _mix64(_mix64(counter * _GOLDEN + np.uint64(key % 2**64)) ^ np.uint64((key >> 64) % 2**64))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    bits = z.view(np.uint32).reshape(len(counter), 2 * words)[:, :width]
+    return (bits >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 2**24)
 
 
 class BatchMasked(NamedTuple):
@@ -101,9 +104,19 @@ class BatchMasked(NamedTuple):
     weights: np.ndarray  # [B, P] float32, 1 for a prediction
 
 
+def compact(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The True entries of each row of `mask` [B, N], in order, moved to slots 0, 1, ... of a [B, width] array:
+    (row, column, slot) index arrays of those that fit."""
+    rows, cols = np.nonzero(mask)
+    slots = np.cumsum(mask, axis=1)[rows, cols] - 1
+    keep = slots < width
+    return rows[keep], cols[keep], slots[keep]
+
+
 def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: np.ndarray,
                           count: np.ndarray) -> np.ndarray:
-    """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`."""
+    """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`
+    (google-research/bert), and going on with the words after it."""
     B, S = maskable.shape
     after_special = np.concatenate([np.ones((B, 1), bool), ~maskable[:, :-1]], axis=1)
     opens = maskable & (word_starts.astype(bool) | after_special)
@@ -111,15 +124,21 @@ def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: n
     start_of = np.maximum.accumulate(np.where(opens, col, 0), axis=1)  # [B, S] the column opening each token's word
     flat = (np.arange(B)[:, None] * S + start_of)[maskable]
     sizes = np.bincount(flat, minlength=B * S).reshape(B, S)  # [B, S] word size at its opening column, else 0
-    order = np.argsort(np.where(opens, keys, 2.0), axis=1, kind="stable")  # words in random order, then the rest
+    order = np.argsort(np.where(opens, keys, np.float32(2.0)), axis=1)  # words in random order, then the rest (size 0)
     ordered = np.take_along_axis(sizes, order, axis=1)
-    taken = np.zeros((B, S), bool)
-    total = np.zeros(B, np.int64)
-    for k in range(int(opens.sum(axis=1).max(initial=0))):  # google-research/bert: skip a word that overshoots
-        size = ordered[:, k]
-        take = (size > 0) & (total + size <= count)
-        total += np.where(take, size, 0)
-        taken[:, k] = take
+    cumulative = np.cumsum(ordered, axis=1)
+    taken = (cumulative <= count[:, None]) & (ordered > 0)  # the words before the first that overshoots
+    total = np.where(taken, cumulative, 0).max(axis=1, initial=0)
+    last = taken.sum(axis=1)  # index of the first overshooting word: later words may still fit
+    while True:
+        fits = (ordered > 0) & (ordered <= (count - total)[:, None]) & (col > last[:, None])
+        rows = np.flatnonzero(fits.any(axis=1))
+        if not len(rows):
+            break
+        first = np.argmax(fits[rows], axis=1)
+        taken[rows, first] = True
+        total[rows] += ordered[rows, first]
+        last[rows] = first
     chosen_open = np.zeros((B, S), bool)
     np.put_along_axis(chosen_open, order, taken, axis=1)
     return maskable & np.take_along_axis(chosen_open, start_of, axis=1)
@@ -142,19 +161,22 @@ def mask_batch(tokens: np.ndarray, valid: np.ndarray, word_starts: np.ndarray | 
                        np.minimum(P, candidates))
     if cfg.whole_word:
         selected = _whole_word_selection(maskable, word_starts, select_keys, count)
-    else:
-        rank = np.argsort(np.argsort(np.where(maskable, select_keys, 2.0), axis=1), axis=1)
-        selected = rank < count[:, None]
-    # [B, P]: selected columns in increasing order, then S (padding)
-    positions = np.sort(np.where(selected, np.arange(S), S), axis=1)[:, :P]
-    weights = positions < S
-    positions = np.where(weights, positions, 0)
-    labels = np.where(weights, np.take_along_axis(tokens, positions, axis=1), 0)
+    else:  # the `count` smallest keys among the maskable tokens
+        keys = np.where(maskable, select_keys, np.float32(2.0))
+        smallest = np.sort(np.partition(keys, P - 1, axis=1)[:, :P] if P < S else keys, axis=1)
+        threshold = np.take_along_axis(smallest, np.maximum(count - 1, 0)[:, None], axis=1)
+        selected = (keys <= threshold) & (count > 0)[:, None]
+    b, c, slot = compact(selected, P)
+    positions = np.zeros((B, P), np.int32)
+    positions[b, slot] = c
+    weights = np.zeros((B, P), np.float32)
+    weights[b, slot] = 1.0
+    labels = np.zeros((B, P), np.int32)
+    labels[b, slot] = tokens[b, c]
     random_ids = cfg.replacement_ids[np.minimum((u_id * len(cfg.replacement_ids)).astype(np.int64),
                                                 len(cfg.replacement_ids) - 1)]
     replaced = np.where(u_kind < cfg.mask_prob, cfg.mask_id,
                         np.where(u_kind < cfg.mask_prob + cfg.random_prob, random_ids, labels))
     input_ids = tokens.copy()
-    b = np.nonzero(weights)
-    input_ids[b[0], positions[b]] = replaced[b]
-    return BatchMasked(input_ids, positions.astype(np.int32), labels.astype(np.int32), weights.astype(np.float32))
+    input_ids[b, c] = replaced[b, slot]
+    return BatchMasked(input_ids, positions, labels, weights)
