@@ -72,7 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (rc.ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    result = loop.train(cfg, task)
+    try:
+        result = loop.train(cfg, task)
+    except DataError as e:  # e.g. a resume whose data settings differ from the checkpoint's: nothing was written
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     if jax.process_index() != 0:  # logging from process 0 only

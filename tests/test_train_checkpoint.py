@@ -273,3 +273,25 @@ def test_device_prefetch_does_not_change_the_run(tmp_path, prepared):
         for step in range(1, 13):
             for key in COMPARED:
                 assert metrics[step][key] == reference[step][key], (depth, step, key)
+
+
+def test_prepared_data_of_another_tokenizer_is_refused_before_compiling(tmp_path, prepared, minilm_dir):
+    out = tmp_path / "run"
+    cmd = _command(str(out), prepared) + [f"--data.vocab={minilm_dir}"]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{prepared}: prepared with tokenizer" in proc.stderr and "not the model's tokenizer" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
+
+
+def test_resume_with_other_data_settings_is_one_clear_error_and_keeps_the_checkpoint(tmp_path, prepared):
+    out = tmp_path / "run"
+    first = [c.replace(f"--run.steps={STEPS}", "--run.steps=8") for c in _command(str(out), prepared)]
+    done = subprocess.run(first, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = [c.replace("--run.global_batch_size=8", "--run.global_batch_size=4") for c in _command(str(out), prepared)]
+    proc = subprocess.run(again, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data error: the saved loader state was made with other data settings; global_batch_size: saved 8, " \
+           "now 4" in proc.stderr
+    assert "Traceback" not in proc.stderr and (out / "checkpoints" / "8").is_dir()

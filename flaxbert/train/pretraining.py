@@ -1,5 +1,5 @@
 """The pretraining task for the generic loop: MLM + NSP loss as (sum, weight) terms, and the data wiring
-(vocabulary trained on the spot, corpus split and prepared once under the output dir, grain loaders)."""
+(vocabulary trained on the spot, corpus split and prepared once under the output dir, the batch loaders)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,17 @@ def model_config(cfg: rc.RunConfig):
     return loaded.config, loaded.params
 
 
+def _model_tokenizer_sha256(cfg: rc.RunConfig, manifest: dict) -> str:
+    """The fingerprint prepared data must have: that of the tokenizer shipped with `run.init_from`, else of
+    `data.vocab`, else (the run's own vocabulary) the train data's own."""
+    from flaxbert import vocab
+
+    for where in (cfg.run.init_from, cfg.data.vocab):
+        if where and any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "vocab.txt")):
+            return vocab.tokenizer_fingerprint(vocab.load_tokenizer(where))
+    return manifest["tokenizer_sha256"]
+
+
 def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
     """Everything the loop needs for MLM+NSP pretraining; errors in the config or data surface here,
     before anything compiles."""
@@ -116,7 +127,7 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
                              f"model.max_position_embeddings={model.max_position_embeddings}")
     d, per_host = cfg.data, cfg.run.global_batch_size // jax.process_count()
     common = dict(batch_size=per_host, process_index=jax.process_index(), process_count=jax.process_count(),
-                  masking=d.masking, packed=d.packed)
+                  masking=d.masking, packed=d.packed, tokenizer_sha256=_model_tokenizer_sha256(cfg, manifest))
     loader = data.make_loader(train_dir, seed=d.seed, **common)
     eval_batches = None
     if eval_dir:
