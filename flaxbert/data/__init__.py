@@ -1,6 +1,6 @@
-"""Pretraining data: corpus readers, NSP instances, masking, packing, the prepare CLI and the grain loader.
+"""Pretraining data: corpus readers, NSP instances, masking, packing, the prepare CLI and the batch loader.
 
-Names are imported lazily so that `prepare`'s worker processes do not pay for grain.
+Names are imported lazily so that `prepare`'s worker processes import only what they use.
 """
 
 from __future__ import annotations
