@@ -116,3 +116,55 @@ def test_packed_rows_match_unpacked_outputs_and_losses(prepared):
         assert float(packed_losses[name].weight) == float(alone_losses[name].weight) > 0
         np.testing.assert_allclose(float(packed_losses[name].loss_sum), float(alone_losses[name].loss_sum),
                                    rtol=1e-5)
+
+    def total_loss(p, b):
+        out = losses.pretraining_losses(flaxbert.apply_head(p, b, config, head="pretraining"), b)
+        return out["mlm"].loss_sum + out["nsp"].loss_sum
+
+    packed_grads = jax.grad(total_loss)(params, batch)
+    alone_grads = jax.grad(total_loss)(params, alone)
+    for path, g in jax.tree_util.tree_leaves_with_path(packed_grads):
+        ref = np.asarray(_at(alone_grads, path))
+        np.testing.assert_allclose(np.asarray(g), ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_plan_packs_every_instance_once_within_the_limits():
+    from flaxbert.data import packing
+
+    rng = np.random.default_rng(0)
+    for seq, k in ((128, 8), (64, 3), (512, 16)):
+        sizes = np.concatenate([rng.integers(3, seq + 1, 3000), np.full(500, seq), rng.integers(3, 20, 800)])
+        plan = packing.plan(sizes, seq, k)
+        rows = packing.deal(plan, sizes, rng.permutation(len(sizes)))
+        filled = rows >= 0
+        assert sorted(rows[filled].tolist()) == list(range(len(sizes)))  # every instance exactly once
+        assert (np.where(filled, sizes[np.maximum(rows, 0)], 0).sum(axis=1) <= seq).all()
+        assert filled.sum(axis=1).max() <= k and filled[:, 0].all()
+        assert (np.diff(filled.astype(int), axis=1) <= 0).all()  # filled slots first
+        assert len(rows) == len(best_fit_decreasing(sizes, seq, k)) >= np.ceil(sizes.sum() / seq)
+
+
+def best_fit_decreasing(sizes, seq, k):
+    """The per-item reference: each item, longest first, into the open row with the least room that fits."""
+    import bisect
+
+    open_rows, closed = [], 0  # open_rows: sorted (room, row id, count)
+    for size in sorted(sizes.tolist(), reverse=True):
+        i = bisect.bisect_left(open_rows, (size, -1, 0))
+        if i == len(open_rows):
+            room, row, count = seq - size, len(open_rows) + closed, 1
+        else:
+            room, row, count = open_rows.pop(i)
+            room, count = room - size, count + 1
+        if room == 0 or count == k:
+            closed += 1
+        else:
+            bisect.insort(open_rows, (room, row, count))
+    return [None] * (closed + len(open_rows))

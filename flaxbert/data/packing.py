@@ -2,7 +2,8 @@
 
 The plan follows the idea of Krell et al. 2021 ("Efficient sequence packing without cross-contamination"):
 packing depends only on how many instances there are of each size, so it is solved once on the histogram
-(longest sizes first, each into the open pack with the least room that still fits it, "shortest pack first")
+(longest sizes first, each into the open pack with the least room that still fits it: best-fit decreasing,
+computed on counts; Krell et al. call it "shortest pack first")
 and gives a list of strategies: a tuple of sizes and how many rows use it. Every epoch then only deals
 instances, in that epoch's random order, into the strategies' slots, which is a few numpy operations.
 
@@ -52,8 +53,13 @@ def plan(sizes: np.ndarray, seq_len: int, max_instances: int) -> PackingPlan:
         left = int(histogram[size])
         while left:
             i = bisect.bisect_left(open_room, size)  # the least room that fits
-            if i == len(open_room):
-                put((size,), left)
+            if i == len(open_room):  # new rows, each with as many of these as fit (as item-by-item best fit does)
+                per = max(1, min(max_instances, seq_len // size))
+                full, rest = divmod(left, per)
+                if full:
+                    put((size,) * per, full)
+                if rest:
+                    put((size,) * rest, 1)
                 break
             room = open_room[i]
             pack = packs[room][-1]
