@@ -14,6 +14,8 @@ An instance is `[CLS] A [SEP] B [SEP]`. Changes from the original, each for a me
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -26,7 +28,7 @@ class TokenizedCorpus:
     """Token ids of every sentence, flat: sentence s is tokens[sentence_offsets[s]:sentence_offsets[s+1]];
     document d is sentences doc_offsets[d]..doc_offsets[d+1]. word_starts marks tokens that begin a word."""
 
-    tokens: np.ndarray  # [T] int32
+    tokens: np.ndarray  # [T] int32 or uint16
     word_starts: np.ndarray  # [T] uint8
     sentence_offsets: np.ndarray  # [num_sentences + 1] int64
     doc_offsets: np.ndarray  # [num_docs + 1] int64
@@ -38,29 +40,52 @@ class TokenizedCorpus:
     def sentence(self, s: int) -> tuple[int, int]:
         return int(self.sentence_offsets[s]), int(self.sentence_offsets[s + 1])
 
-    def doc_sentences(self, d: int) -> range:
-        return range(int(self.doc_offsets[d]), int(self.doc_offsets[d + 1]))
 
-    def save(self, directory) -> None:
-        for name in ("tokens", "word_starts", "sentence_offsets", "doc_offsets"):
-            np.save(f"{directory}/{name}.npy", getattr(self, name))
-
-    @classmethod
-    def load(cls, directory) -> "TokenizedCorpus":
-        """Tokens memory-mapped; offsets in memory (they are indexed per sentence, where maps are slow)."""
-        return cls(np.load(f"{directory}/tokens.npy", mmap_mode="r"),
-                   np.load(f"{directory}/word_starts.npy", mmap_mode="r"),
-                   np.load(f"{directory}/sentence_offsets.npy"), np.load(f"{directory}/doc_offsets.npy"))
+class Tokenized(NamedTuple):
+    tokens: np.ndarray  # [T] every sentence's ids, flat
+    word_starts: np.ndarray  # [T] uint8, 1 where a token begins a word
+    lengths: np.ndarray  # [num_sentences] int64 tokens per sentence (0 for one that tokenises to nothing)
 
 
-def tokenize_sentences(backend, sentences: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Ids and word-start flags per sentence, without special tokens (`backend` is a `tokenizers.Tokenizer`)."""
-    ids, starts = [], []
-    for enc in backend.encode_batch(list(sentences), add_special_tokens=False):
-        words = np.array([-1 if w is None else w for w in enc.word_ids], np.int64)
-        ids.append(np.asarray(enc.ids, np.int32))
-        starts.append((np.diff(words, prepend=-2) != 0).astype(np.uint8))
-    return ids, starts
+def continuation_ids(backend) -> np.ndarray | None:
+    """[vocab] bool: ids that continue a word, for a WordPiece model behind BERT's pre-tokeniser, else None.
+
+    There a token starts a word exactly when it lacks the "##" prefix (the pre-tokeniser splits every
+    punctuation character off, so no word's first piece can start with "##"), which lets `tokenize_sentences`
+    use the faster encoding without word ids (offsets are not computed)."""
+    spec = json.loads(backend.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "WordPiece" or pre.get("type") != "BertPreTokenizer":
+        return None
+    prefix = model.get("continuing_subword_prefix") or "##"
+    vocab = backend.get_vocab(with_added_tokens=True)
+    table = np.zeros(max(vocab.values()) + 1, bool)
+    table[[i for t, i in vocab.items() if t.startswith(prefix)]] = True
+    return table
+
+
+def tokenize_sentences(backend, sentences: Sequence[str], dtype=np.int32,
+                       continuation: np.ndarray | None = None) -> Tokenized:
+    """Ids and word-start flags of a batch of sentences, without special tokens (`backend`: a
+    `tokenizers.Tokenizer`; `continuation`: its `continuation_ids`, when it has them). One flat array per field:
+    converting per sentence cost more than the encoding."""
+    sentences = list(sentences)
+    if continuation is not None:
+        encodings = backend.encode_batch_fast(sentences, add_special_tokens=False)
+    else:
+        encodings = backend.encode_batch(sentences, add_special_tokens=False)
+    lengths = np.fromiter(map(len, encodings), np.int64, len(encodings))
+    total = int(lengths.sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype, total)
+    if continuation is not None:
+        starts = (~continuation[tokens]).astype(np.uint8)
+    else:
+        words = np.array(list(itertools.chain.from_iterable(e.word_ids for e in encodings)), np.float64)
+        words = np.nan_to_num(words, nan=-1.0)  # tokens of no word (None) form one run, as they did per sentence
+        starts = np.ones(total, np.uint8)
+        starts[1:] = words[1:] != words[:-1]
+    starts[(np.cumsum(lengths) - lengths)[lengths > 0]] = 1  # word ids restart with every sentence
+    return Tokenized(tokens, starts, lengths)
 
 
 @dataclass(frozen=True)
@@ -78,81 +103,113 @@ class Instance(NamedTuple):
     target_length: int  # the length target drawn for this instance (max_seq_length - 3 unless short)
 
 
-def _gather(corpus: TokenizedCorpus, sentences: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    spans = [corpus.sentence(s) for s in sentences]
-    return (np.concatenate([corpus.tokens[a:b] for a, b in spans]),
-            np.concatenate([corpus.word_starts[a:b] for a, b in spans]))
+# An instance is recorded as a span row: A and B are each one contiguous run of corpus tokens (sentences of a
+# document are contiguous, and truncation only cuts the ends), so the tokens are gathered later for many
+# instances at once (`assemble`).
+SPAN_FIELDS = ("a_start", "a_length", "b_start", "b_length", "is_random_next", "target_length")
 
 
-def _truncate_pair(len_a: int, len_b: int, max_tokens: int, rng: random.Random) -> tuple[slice, slice]:
-    """Trim the longer segment one token at a time, from the front or the back at random."""
-    a0, a1, b0, b1 = 0, len_a, 0, len_b
-    while (a1 - a0) + (b1 - b0) > max_tokens:
-        if a1 - a0 >= b1 - b0:
-            if rng.random() < 0.5:
-                a0 += 1
+def truncate_pair(len_a: int, len_b: int, max_tokens: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """google-research/bert's truncation (trim the longer segment one token at a time, from the front or the
+    back at random) in O(1): the final lengths do not depend on the coins, and the front cuts of a segment
+    trimmed k times are Binomial(k, 1/2). Returns (front cut of A, new len A, front cut of B, new len B)."""
+    excess = len_a + len_b - max_tokens
+    if excess <= 0:
+        return 0, len_a, 0, len_b
+    if len_a - excess >= len_b - 1:  # only A is trimmed (ties trim A)
+        new_a, new_b = len_a - excess, len_b
+    elif len_b - excess >= len_a:
+        new_a, new_b = len_a, len_b - excess
+    else:  # both: the longer down to the shorter, then alternately, A first
+        new_a, new_b = max_tokens // 2, max_tokens - max_tokens // 2
+    front_a = rng.getrandbits(len_a - new_a).bit_count()
+    front_b = rng.getrandbits(len_b - new_b).bit_count()
+    return front_a, new_a, front_b, new_b
+
+
+def _random_next(corpus: TokenizedCorpus, doc: int, need: int, rng: random.Random) -> tuple[int, int]:
+    """Token span of a random B: sentences of another document from a random one on, until `need` tokens."""
+    other = doc
+    for _ in range(10):
+        other = rng.randint(0, corpus.num_docs - 1)
+        if other != doc:
+            break
+    first, last = int(corpus.doc_offsets[other]), int(corpus.doc_offsets[other + 1])
+    start = first + rng.randint(0, last - first - 1)
+    begin = int(corpus.sentence_offsets[start])
+    # whole sentences until B holds `need` tokens (at least one sentence, at most the document's end)
+    end = int(np.searchsorted(corpus.sentence_offsets, begin + need))
+    end = min(max(end, start + 1), last)
+    return begin, int(corpus.sentence_offsets[end])
+
+
+def document_spans(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, rng: random.Random,
+                   out: list) -> None:
+    """Append a span row (SPAN_FIELDS) to `out` for every instance whose A segment comes from document `doc`
+    (one pass, as one dupe_factor round)."""
+    max_tokens = cfg.max_seq_length - 3
+    first, last = int(corpus.doc_offsets[doc]), int(corpus.doc_offsets[doc + 1])
+    off = corpus.sentence_offsets[first:last + 1].tolist()  # Python ints: indexed per sentence below
+    n = last - first
+    c = i = 0  # the chunk is sentences c..i of the document
+    target = max_tokens
+    while i < n:
+        if i == c:
+            target = rng.randint(2, max_tokens) if rng.random() < cfg.short_seq_prob else max_tokens
+        if i == n - 1 or off[i + 1] - off[c] >= target:
+            random_next = rng.random() < cfg.random_next_prob
+            if not random_next and i == c:
+                if i + 1 < n:
+                    i += 1
+                else:
+                    random_next = True
+            a_end = c + (rng.randint(1, i - c) if i > c else 1)
+            if random_next:
+                b_begin, b_end = _random_next(corpus, doc, target - (off[a_end] - off[c]), rng)
+                i = a_end - 1  # the unused sentences of the chunk start the next instance
             else:
-                a1 -= 1
-        elif rng.random() < 0.5:
-            b0 += 1
-        else:
-            b1 -= 1
-    return slice(a0, a1), slice(b0, b1)
+                b_begin, b_end = off[a_end], off[i + 1]
+            cut_a, len_a, cut_b, len_b = truncate_pair(off[a_end] - off[c], b_end - b_begin, target, rng)
+            out.append((off[c] + cut_a, len_a, b_begin + cut_b, len_b, random_next, target))
+            c = i + 1
+        i += 1
 
 
-def _build(corpus, a_sents, b_sents, cfg, rng, cls_id, sep_id, is_random_next, target) -> Instance:
-    a_tok, a_ws = _gather(corpus, a_sents)
-    b_tok, b_ws = _gather(corpus, b_sents)
-    sa, sb = _truncate_pair(len(a_tok), len(b_tok), target, rng)
-    a_tok, a_ws, b_tok, b_ws = a_tok[sa], a_ws[sa].copy(), b_tok[sb], b_ws[sb].copy()
-    a_ws[:1] = b_ws[:1] = 1
-    cls, sep, one = np.array([cls_id], np.int32), np.array([sep_id], np.int32), np.ones(1, np.uint8)
-    tokens = np.concatenate([cls, a_tok, sep, b_tok, sep])
-    starts = np.concatenate([one, a_ws, one, b_ws, one])
-    return Instance(tokens, starts, len(a_tok), is_random_next, target)
+class Assembled(NamedTuple):
+    tokens: np.ndarray  # [sum of lengths] every instance's [CLS] A [SEP] B [SEP], flat
+    word_starts: np.ndarray  # [sum of lengths] uint8
+    offsets: np.ndarray  # [num_instances + 1] int64
+
+
+def assemble(corpus: TokenizedCorpus, spans: np.ndarray, cls_id: int, sep_id: int) -> Assembled:
+    """The tokens of many instances at once from their span rows [N, len(SPAN_FIELDS)]: one gather."""
+    a_start, a_len, b_start, b_len = (spans[:, k].astype(np.int64) for k in range(4))
+    lengths = a_len + b_len + 3
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    pos = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)  # position in the instance
+    a_len_t, b_end_t = np.repeat(a_len, lengths), np.repeat(a_len + b_len + 2, lengths)
+    in_a = (pos >= 1) & (pos <= a_len_t)
+    in_b = (pos >= a_len_t + 2) & (pos < b_end_t)
+    source = np.where(in_a, np.repeat(a_start - 1, lengths) + pos, np.repeat(b_start - a_len - 2, lengths) + pos)
+    special = ~(in_a | in_b)
+    source[special] = 0
+    tokens = corpus.tokens[source].astype(np.int32)
+    tokens[special] = sep_id
+    tokens[offsets[:-1]] = cls_id
+    word_starts = corpus.word_starts[source]
+    # a word cut by front truncation still starts one: A and B never continue a word across [CLS]/[SEP]
+    word_starts[special | (pos == 1) | (pos == a_len_t + 2)] = 1
+    return Assembled(tokens, word_starts, offsets)
 
 
 def document_instances(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, rng: random.Random,
                        cls_id: int, sep_id: int) -> list[Instance]:
     """All instances whose A segment comes from document `doc` (one pass, as one dupe_factor round)."""
-    max_tokens = cfg.max_seq_length - 3
-    sentences = corpus.doc_sentences(doc)
-    instances, chunk, length, target = [], [], 0, max_tokens
-    i = 0
-    while i < len(sentences):
-        if not chunk:
-            target = rng.randint(2, max_tokens) if rng.random() < cfg.short_seq_prob else max_tokens
-        chunk.append(sentences[i])
-        a, b = corpus.sentence(sentences[i])
-        length += b - a
-        if i == len(sentences) - 1 or length >= target:
-            random_next = rng.random() < cfg.random_next_prob
-            if not random_next and len(chunk) == 1:
-                if i + 1 < len(sentences):
-                    i += 1
-                    chunk.append(sentences[i])
-                else:
-                    random_next = True
-            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-            a_sents = chunk[:a_end]
-            if random_next:
-                a_len = sum(corpus.sentence(s)[1] - corpus.sentence(s)[0] for s in a_sents)
-                other = doc
-                for _ in range(10):
-                    other = rng.randint(0, corpus.num_docs - 1)
-                    if other != doc:
-                        break
-                pool = corpus.doc_sentences(other)
-                b_sents, b_len = [], 0
-                for s in pool[rng.randint(0, len(pool) - 1):]:
-                    b_sents.append(s)
-                    b_len += corpus.sentence(s)[1] - corpus.sentence(s)[0]
-                    if b_len >= target - a_len:
-                        break
-                i -= len(chunk) - a_end  # the unused sentences of the chunk start the next instance
-            else:
-                b_sents = chunk[a_end:]
-            instances.append(_build(corpus, a_sents, b_sents, cfg, rng, cls_id, sep_id, random_next, target))
-            chunk, length = [], 0
-        i += 1
-    return instances
+    rows: list = []
+    document_spans(corpus, doc, cfg, rng, rows)
+    if not rows:
+        return []
+    spans = np.array(rows, np.int64)
+    built = assemble(corpus, spans, cls_id, sep_id)
+    return [Instance(built.tokens[a:b], built.word_starts[a:b], int(row[1]), bool(row[4]), int(row[5]))
+            for a, b, row in zip(built.offsets[:-1], built.offsets[1:], spans)]

@@ -4,10 +4,16 @@ The prepared directory holds `manifest.json`, `tokenizer/` (a copy of the tokeni
 `replacement_ids.npy` and `shard-NNNNN/` directories of flat numpy arrays (memory-mapped by the loader).
 Output is byte-identical for a given seed whatever the number of workers: every random choice is seeded from
 (seed, dupe round, document), and documents are assigned to shards independently of the workers.
+
+Preparation streams, so its memory does not grow with the corpus (beyond the offsets, 8 bytes a sentence):
+documents are read in chunks that worker processes tokenise in order, and the tokens go to a file as they arrive;
+then every shard is built, masked and written a block of instances at a time, reading the tokens through a map.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -15,21 +21,24 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from flaxbert.data.corpus import DataError, expand, read_documents
-from flaxbert.data.instances import InstanceConfig, TokenizedCorpus, document_instances, tokenize_sentences
+from flaxbert.data.instances import (Assembled, InstanceConfig, TokenizedCorpus, assemble, continuation_ids,
+                                     document_spans, tokenize_sentences)
 from flaxbert.data.masking import MaskingConfig, mask_tokens
 
 FORMAT_VERSION = 1
 SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
                  "mask_offsets", "mask_positions", "mask_inputs")
-_CHUNK_SENTENCES = 4096
+CHUNK_CHARS = 1 << 20  # text per tokenisation task: a fraction of a second of work, a few MB in flight
+BLOCK_INSTANCES = 8192  # instances built, masked and written at once: bounds a worker's memory
 
 
 def _context():
@@ -39,27 +48,122 @@ def _context():
     return multiprocessing.get_context("spawn" if jax_running or sys.platform != "linux" else "fork")
 
 
-def _worker_init() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; parallelism comes from workers
+_WORKER: dict = {}  # the tokenizer of this prepare call in a worker (or in-process), set by _worker_init
 
 
-def _tokenize_chunk(args) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    tokenizer_file, sentences = args
-    return tokenize_sentences(_cached_backend(tokenizer_file), sentences)
-
-
-_BACKENDS: dict[str, Any] = {}
-
-
-def _cached_backend(tokenizer_file: str):
+def _worker_init(tokenizer_file: str, token_dtype: str) -> None:
     from tokenizers import Tokenizer
 
-    if tokenizer_file not in _BACKENDS:
-        backend = Tokenizer.from_file(tokenizer_file)
-        backend.no_padding()  # some saved tokenizers (sentence-transformers) pad/truncate every encoding
-        backend.no_truncation()
-        _BACKENDS[tokenizer_file] = backend
-    return _BACKENDS[tokenizer_file]
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; parallelism comes from workers
+    backend = Tokenizer.from_file(tokenizer_file)
+    backend.no_padding()  # some saved tokenizers (sentence-transformers) pad/truncate every encoding
+    backend.no_truncation()
+    _WORKER.update(backend=backend, continuation=continuation_ids(backend), dtype=np.dtype(token_dtype))
+
+
+def _tokenize_chunk(task):
+    sentences, doc_sizes = task
+    return tokenize_sentences(_WORKER["backend"], sentences, _WORKER["dtype"], _WORKER["continuation"]), doc_sizes
+
+
+def ordered_map(pool, fn: Callable, tasks: Iterable, ahead: int) -> Iterator:
+    """fn(task) for every task, in order, with at most `ahead` tasks queued: unlike `Pool.imap`, which reads
+    all its tasks at once, this holds only a few chunks of the corpus in memory."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: collections.deque = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class NpyAppender:
+    """A 1-D .npy file written piece by piece; the header, which holds the length, is written at close."""
+
+    HEADER = 128  # bytes, room for any length
+
+    def __init__(self, path: Path, dtype):
+        self.dtype, self.count = np.dtype(dtype), 0
+        self.file = open(path, "wb")
+        self.file.write(bytes(self.HEADER))
+
+    def append(self, values) -> None:
+        values = np.ascontiguousarray(values, self.dtype)
+        values.tofile(self.file)
+        self.count += len(values)
+
+    def close(self) -> None:
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                       "shape": (self.count,)}).encode("latin1")
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", self.HEADER - 10)
+                        + header.ljust(self.HEADER - 11) + b"\n")
+        self.file.close()
+
+
+@dataclasses.dataclass
+class _ReadStats:
+    documents: int = 0
+    max_sentences: int = 0
+    seconds: float = 0.0  # spent reading (in the main process, while the workers tokenise)
+
+
+def _chunks(documents: Iterator, stats: _ReadStats) -> Iterator[tuple[list[str], list[int]]]:
+    """Tokenisation tasks: the sentences of whole documents, about CHUNK_CHARS of text each, with the number of
+    sentences of each document. Counts what the corpus checks need on the way."""
+    sentences: list[str] = []
+    sizes: list[int] = []
+    chars = 0
+    t0 = time.perf_counter()
+    for doc in documents:
+        stats.documents += 1
+        stats.max_sentences = max(stats.max_sentences, len(doc.sentences))
+        sentences.extend(doc.sentences)
+        sizes.append(len(doc.sentences))
+        chars += sum(map(len, doc.sentences))
+        if chars >= CHUNK_CHARS:
+            stats.seconds += time.perf_counter() - t0
+            yield sentences, sizes
+            sentences, sizes, chars = [], [], 0
+            t0 = time.perf_counter()
+    stats.seconds += time.perf_counter() - t0
+    if sizes:
+        yield sentences, sizes
+
+
+def _tokenize(chunks: Iterator, directory: Path, dtype: str, pool, ahead: int, progress: bool) -> TokenizedCorpus:
+    """Tokenise the chunks in the pool, in order, appending tokens and word starts to `directory`; sentences
+    that tokenise to nothing (control characters only) and documents left empty are dropped."""
+    from tqdm.auto import tqdm
+
+    directory.mkdir()
+    tokens, word_starts = NpyAppender(directory / "tokens.npy", dtype), NpyAppender(directory / "word_starts.npy",
+                                                                                    np.uint8)
+    lengths, doc_sizes = [], []
+    with tqdm(desc="tokenize", unit="chunk", disable=not progress) as bar:
+        for chunk, sizes in ordered_map(pool, _tokenize_chunk, chunks, ahead):
+            tokens.append(chunk.tokens)
+            word_starts.append(chunk.word_starts)
+            keep = chunk.lengths > 0
+            lengths.append(chunk.lengths[keep])
+            kept = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[keep], minlength=len(sizes))
+            doc_sizes.append(kept[kept > 0])
+            bar.update(1)
+    tokens.close()
+    word_starts.close()
+    tc = TokenizedCorpus(np.load(directory / "tokens.npy", mmap_mode="r"),
+                         np.load(directory / "word_starts.npy", mmap_mode="r"), _offsets(lengths), _offsets(doc_sizes))
+    np.save(directory / "sentence_offsets.npy", tc.sentence_offsets)
+    np.save(directory / "doc_offsets.npy", tc.doc_offsets)
+    return tc
+
+
+def _offsets(counts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.concatenate(counts or [np.zeros(0, np.int64)]))]).astype(np.int64)
 
 
 def masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig:
@@ -72,62 +176,101 @@ def masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig
                          whole_word=manifest["whole_word_masking"])
 
 
+class _ShardWriter:
+    """The SHARD_ARRAYS of one shard, appended a block of instances at a time."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        directory.mkdir()
+        dtypes = {"tokens": manifest["token_dtype"], "word_starts": np.uint8, "offsets": np.int64,
+                  "a_lengths": np.int32, "is_random_next": np.uint8, "target_lengths": np.int32,
+                  "mask_offsets": np.int64, "mask_positions": np.int32, "mask_inputs": manifest["token_dtype"]}
+        self.files = {name: NpyAppender(directory / f"{name}.npy", dtypes[name]) for name in SHARD_ARRAYS}
+        self.short = manifest["max_seq_length"] - 3
+        self.stats = dict.fromkeys(("instances", "tokens", "predictions", "random_next", "short_target"), 0)
+
+    def append(self, spans: np.ndarray, built: Assembled, masks: "_Masks") -> None:
+        f, s = self.files, self.stats
+        f["tokens"].append(built.tokens)
+        f["word_starts"].append(built.word_starts)
+        f["offsets"].append(built.offsets[:-1] + s["tokens"])
+        f["a_lengths"].append(spans[:, 1])
+        f["is_random_next"].append(spans[:, 4])
+        f["target_lengths"].append(spans[:, 5])
+        f["mask_offsets"].append(_offsets([masks.counts])[:-1] + s["predictions"])
+        f["mask_positions"].append(masks.positions)
+        f["mask_inputs"].append(masks.inputs)
+        s["instances"] += len(spans)
+        s["tokens"] += int(built.offsets[-1])
+        s["predictions"] += int(masks.counts.sum())
+        s["random_next"] += int(spans[:, 4].sum())
+        s["short_target"] += int((spans[:, 5] < self.short).sum())
+
+    def close(self) -> dict:
+        self.files["offsets"].append([self.stats["tokens"]])
+        self.files["mask_offsets"].append([self.stats["predictions"]])
+        for f in self.files.values():
+            f.close()
+        return self.stats
+
+
+class _Masks(NamedTuple):
+    positions: np.ndarray  # [predictions] every instance's masked positions, flat
+    inputs: np.ndarray  # [predictions] the input ids there ([MASK], random or unchanged)
+    counts: np.ndarray  # [instances] predictions per instance
+
+
+def _static_masks(built: Assembled, doc_rows: list, mcfg: MaskingConfig, seed: int, dupe: int) -> _Masks:
+    """Masks of a block of instances: each document's instances in order, from that document's generator
+    (`doc_rows`: (document, its first row) for the documents of the block)."""
+    bounds = built.offsets.tolist()
+    positions, inputs, counts = [], [], np.zeros(len(bounds) - 1, np.int64)
+    for (doc, first), (_, last) in zip(doc_rows, doc_rows[1:] + [(None, len(counts))]):
+        rng = np.random.default_rng([seed, dupe, doc])
+        for k in range(first, last):
+            a, b = bounds[k], bounds[k + 1]
+            masked = mask_tokens(built.tokens[a:b], built.word_starts[a:b], mcfg, rng)
+            positions.append(masked.positions)
+            inputs.append(masked.input_ids[masked.positions])
+            counts[k] = len(masked.positions)
+    empty = [np.zeros(0, np.int32)]
+    return _Masks(np.concatenate(positions or empty), np.concatenate(inputs or empty), counts)
+
+
 def _write_shard(args) -> dict:
     """Build, mask and write one shard: every dupe round over documents [doc_lo, doc_hi)."""
     out_dir, shard, doc_lo, doc_hi, manifest = args
-    corpus = TokenizedCorpus.load(Path(out_dir) / "_tokenized")
+    tokenized = Path(out_dir) / "_tokenized"
+    index = TokenizedCorpus(None, None, np.load(tokenized / "sentence_offsets.npy"),
+                            np.load(tokenized / "doc_offsets.npy"))  # the tokens are mapped per block
     mcfg = masking_config(manifest, np.load(Path(out_dir) / "replacement_ids.npy"))
     icfg = InstanceConfig(manifest["max_seq_length"], manifest["short_seq_prob"])
     cls_id, sep_id, seed = manifest["cls_id"], manifest["sep_id"], manifest["seed"]
-    cols: dict[str, list] = {name: [] for name in SHARD_ARRAYS}
-    n_tokens = n_masks = 0
-    for dupe in range(manifest["dupe_factor"]):
-        for doc in range(doc_lo, doc_hi):
-            rng = random.Random(f"{seed}/{dupe}/{doc}")
-            mask_rng = np.random.default_rng([seed, dupe, doc])
-            for inst in document_instances(corpus, doc, icfg, rng, cls_id, sep_id):
-                masked = mask_tokens(inst.tokens, inst.word_starts, mcfg, mask_rng)
-                cols["tokens"].append(inst.tokens)
-                cols["word_starts"].append(inst.word_starts)
-                cols["offsets"].append(n_tokens)
-                cols["a_lengths"].append(inst.a_length)
-                cols["is_random_next"].append(inst.is_random_next)
-                cols["target_lengths"].append(inst.target_length)
-                cols["mask_offsets"].append(n_masks)
-                cols["mask_positions"].append(masked.positions)
-                cols["mask_inputs"].append(masked.input_ids[masked.positions])
-                n_tokens += len(inst.tokens)
-                n_masks += len(masked.positions)
-    cols["offsets"].append(n_tokens)
-    cols["mask_offsets"].append(n_masks)
-    dtype = np.dtype(manifest["token_dtype"])
-    arrays = {
-        "tokens": np.concatenate(cols["tokens"] or [np.zeros(0)]).astype(dtype),
-        "word_starts": np.concatenate(cols["word_starts"] or [np.zeros(0)]).astype(np.uint8),
-        "offsets": np.asarray(cols["offsets"], np.int64),
-        "a_lengths": np.asarray(cols["a_lengths"], np.int32),
-        "is_random_next": np.asarray(cols["is_random_next"], np.uint8),
-        "target_lengths": np.asarray(cols["target_lengths"], np.int32),
-        "mask_offsets": np.asarray(cols["mask_offsets"], np.int64),
-        "mask_positions": np.concatenate(cols["mask_positions"] or [np.zeros(0)]).astype(np.int32),
-        "mask_inputs": np.concatenate(cols["mask_inputs"] or [np.zeros(0)]).astype(dtype),
-    }
     name = f"shard-{shard:05d}"
-    (Path(out_dir) / name).mkdir()
-    for key, value in arrays.items():
-        np.save(Path(out_dir) / name / f"{key}.npy", value)
-    return {"name": name, "instances": len(arrays["a_lengths"]), "tokens": n_tokens, "predictions": n_masks,
-            "random_next": int(arrays["is_random_next"].sum()),
-            "short_target": int((arrays["target_lengths"] < manifest["max_seq_length"] - 3).sum()),
-            "documents": (doc_hi - doc_lo) * manifest["dupe_factor"]}
+    writer = _ShardWriter(Path(out_dir) / name, manifest)
 
+    def flush(rows: list, doc_rows: list, dupe: int) -> None:
+        if not rows:
+            return
+        spans = np.array(rows, np.int64)
+        # mapped per block, so that the pages read are released with it (RSS does not grow with the corpus)
+        mapped = dataclasses.replace(index, tokens=np.load(tokenized / "tokens.npy", mmap_mode="r"),
+                                     word_starts=np.load(tokenized / "word_starts.npy", mmap_mode="r"))
+        built = assemble(mapped, spans, cls_id, sep_id)
+        del mapped
+        writer.append(spans, built, _static_masks(built, doc_rows, mcfg, seed, dupe))
+        rows.clear()
+        doc_rows.clear()
 
-def _run(pool, fn, tasks, bar):
-    results = []
-    for result in (pool.imap(fn, tasks) if pool else map(fn, tasks)):
-        results.append(result)
-        bar.update(1)
-    return results
+    for dupe in range(manifest["dupe_factor"]):
+        rows: list = []
+        doc_rows: list = []  # (document, its first row) in the block
+        for doc in range(doc_lo, doc_hi):
+            doc_rows.append((doc, len(rows)))
+            document_spans(index, doc, icfg, random.Random(f"{seed}/{dupe}/{doc}"), rows)
+            if len(rows) >= BLOCK_INSTANCES:
+                flush(rows, doc_rows, dupe)
+        flush(rows, doc_rows, dupe)
+    return {"name": name, **writer.close(), "documents": (doc_hi - doc_lo) * manifest["dupe_factor"]}
 
 
 def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, dupe_factor):
@@ -142,6 +285,11 @@ def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, sho
             raise DataError(message)
 
 
+def _corpus_bytes(specs: Sequence[str]) -> float:
+    """Size of the corpus files (hf:/tfds: datasets count as large), to choose the default worker count."""
+    return sum(math.inf if s.startswith(("hf:", "tfds:")) else os.path.getsize(s) for s in specs)
+
+
 def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike, *,
             corpus_format: str | None = None, text_column: str = "text", max_seq_length: int = 128,
             max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15, short_seq_prob: float = 0.1,
@@ -154,8 +302,6 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
     corpora over ~4 MB (one process below that, where starting workers costs more than it saves).
     `model_vocab_size`, when given, must hold the tokenizer's vocabulary.
     """
-    from tqdm.auto import tqdm
-
     from flaxbert.vocab import load_tokenizer, tokenizer_fingerprint
 
     _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, dupe_factor)
@@ -169,13 +315,8 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
                         f"has only {model_vocab_size} rows; use a model with vocab_size >= {vocab_size}")
     start = time.perf_counter()  # throughput counts from here: importing transformers is not preparation
     specs = expand(corpus)
-    documents = list(read_documents(specs, corpus_format, text_column=text_column))  # in memory, as in BERT
-    _check_documents(documents, ", ".join(specs), corpus_format)
-    phases = {"read_s": time.perf_counter() - start}
-    out = _fresh_output_dir(Path(out_dir), overwrite)
-    chars = sum(len(s) for d in documents for s in d.sentences)
-    workers = workers or ((os.cpu_count() or 1) if chars > 4_000_000 else 1)
-    tokenizer.save_pretrained(out / "tokenizer")
+    documents = read_documents(specs, corpus_format, text_column=text_column)  # a generator: read as consumed
+    workers = workers or ((os.cpu_count() or 1) if _corpus_bytes(specs) > 4_000_000 else 1)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "corpus": specs, "corpus_format": corpus_format,
         "text_column": text_column, "tokenizer": tokenizer_name, "tokenizer_dir": "tokenizer",
@@ -188,34 +329,55 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
         "whole_word_masking": whole_word_masking, "seed": seed,
     }
-    unused = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"\[unused\d+\]", t)}
-    replacement = sorted(set(range(vocab_size)) - set(manifest["special_ids"]) - unused)
-    np.save(out / "replacement_ids.npy", np.array(replacement, np.int32))
+    out = _fresh_output_dir(Path(out_dir), overwrite)
+    try:
+        _write(documents, tokenizer, out, manifest, workers, num_shards, progress, start)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a half-written directory is never left to be taken for data
+        raise
+    return manifest
 
-    pool = _context().Pool(workers, initializer=_worker_init) if workers > 1 else None
+
+def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_shards: int | None,
+           progress: bool, start: float) -> None:
+    """The two stages of `prepare` into the empty directory `out`; completes `manifest` and writes it."""
+    from tqdm.auto import tqdm
+
+    tokenizer.save_pretrained(out / "tokenizer")
+    unused = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"\[unused\d+\]", t)}
+    replacement = sorted(set(range(manifest["vocab_size"])) - set(manifest["special_ids"]) - unused)
+    np.save(out / "replacement_ids.npy", np.array(replacement, np.int32))
+    init_args = (str(out / "tokenizer" / "tokenizer.json"), manifest["token_dtype"])
+    pool = _context().Pool(workers, _worker_init, init_args) if workers > 1 else None
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    phases: dict[str, float] = {}
     try:
         if pool is None:
-            _worker_init()
-        phases["start_workers_s"] = time.perf_counter() - start - sum(phases.values())
-        # 1. tokenise chunks of sentences; the tokens go to disk, where the shard workers map them
-        tc = _tokenize(documents, str(out / "tokenizer" / "tokenizer.json"), pool, progress)
-        (out / "_tokenized").mkdir()
-        tc.save(out / "_tokenized")
+            _worker_init(*init_args)
+        phases["start_workers_s"] = time.perf_counter() - start
+        # 1. read and tokenise chunks, streamed: the tokens go to disk, where the shard workers map them
+        read = _ReadStats()
+        chunks = _chunks(documents, read)
+        tc = _tokenize(chunks, out / "_tokenized", manifest["token_dtype"], pool, 2 * workers, progress)
+        _check_documents(read, tc, ", ".join(manifest["corpus"]), manifest["corpus_format"])
         phases["tokenize_s"] = time.perf_counter() - start - sum(phases.values())
         # 2. instances + static masks, one task per shard of contiguous documents with ~equal token counts
         num_shards = min(num_shards or max(8, math.ceil(len(tc.tokens) / 20_000_000)), tc.num_docs)
-        doc_tokens = np.concatenate([[0], tc.sentence_offsets[tc.doc_offsets[1:]]])
+        doc_tokens = tc.sentence_offsets[tc.doc_offsets]
         bounds = np.searchsorted(doc_tokens, np.linspace(0, doc_tokens[-1], num_shards + 1)).astype(int)
         bounds[0], bounds[-1] = 0, tc.num_docs  # (a shard may be empty when one document outweighs it)
         tasks = [(str(out), k, int(bounds[k]), int(bounds[k + 1]), manifest) for k in range(num_shards)]
+        shards = []
         with tqdm(total=num_shards, desc="instances", unit="shard", disable=not progress) as bar:
-            shards = _run(pool, _write_shard, tasks, bar)
+            for shard in ordered_map(pool, _write_shard, tasks, 2 * workers):
+                shards.append(shard)
+                bar.update(1)
         phases["instances_s"] = time.perf_counter() - start - sum(phases.values())
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()  # all tasks are done, unless preparation failed
             pool.join()
+        _WORKER.clear()
         if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -229,20 +391,24 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
                                                           "short_target")}}
     manifest["throughput"] = {"workers": workers, "seconds": round(seconds, 3),
                               **{k: round(v, 3) for k, v in phases.items()},
+                              "read_s": round(read.seconds, 3),  # inside tokenize_s: reading overlaps it
                               "corpus_tokens_per_s": round(len(tc.tokens) / seconds, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
-def _check_documents(documents, where: str, corpus_format) -> None:
-    if not documents:
+def _check_documents(read: _ReadStats, tc: TokenizedCorpus, where: str, corpus_format) -> None:
+    """The corpus checks, on what was read (and tokenised): NSP needs two documents and a two-sentence one."""
+    if not read.documents:
         raise DataError(f"{where}: the corpus holds no text")
-    if max(len(d.sentences) for d in documents) < 2:
+    if read.max_sentences < 2:
         raise DataError(f"{where}: no document has two or more sentences, so next-sentence pairs cannot be built "
                         f"(format {corpus_format or 'guessed from the name'}: check --format; 'bert' wants one "
                         f"sentence per line and a blank line between documents)")
-    if len(documents) < 2:
+    if read.documents < 2:
         raise DataError(f"{where}: only one document; random next sentences need at least two")
+    if tc.num_docs < 2:
+        raise DataError(f"{where}: only {tc.num_docs} document(s) hold any tokens after tokenisation; random next "
+                        f"sentences need at least two")
 
 
 def _fresh_output_dir(out: Path, overwrite: bool) -> Path:
@@ -255,26 +421,6 @@ def _fresh_output_dir(out: Path, overwrite: bool) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _tokenize(documents, tokenizer_file: str, pool, progress: bool) -> TokenizedCorpus:
-    from tqdm.auto import tqdm
-
-    sentences = [s for d in documents for s in d.sentences]
-    chunks = [(tokenizer_file, sentences[i:i + _CHUNK_SENTENCES]) for i in range(0, len(sentences), _CHUNK_SENTENCES)]
-    with tqdm(total=len(chunks), desc="tokenize", unit="chunk", disable=not progress) as bar:
-        tokenized = _run(pool, _tokenize_chunk, chunks, bar)
-    ids = [x for chunk_ids, _ in tokenized for x in chunk_ids]
-    starts = [x for _, chunk_starts in tokenized for x in chunk_starts]
-    lengths = np.array([len(x) for x in ids], np.int64)
-    sentence_doc = np.repeat(np.arange(len(documents)), [len(d.sentences) for d in documents])
-    keep = lengths > 0  # sentences that tokenise to nothing (control characters only) are dropped
-    docs_kept = np.bincount(sentence_doc[keep], minlength=len(documents))
-    return TokenizedCorpus(
-        tokens=np.concatenate([x for x, k in zip(ids, keep) if k]).astype(np.int32),
-        word_starts=np.concatenate([x for x, k in zip(starts, keep) if k]),
-        sentence_offsets=np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
-        doc_offsets=np.concatenate([[0], np.cumsum(docs_kept[docs_kept > 0])]).astype(np.int64))
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> dict:
