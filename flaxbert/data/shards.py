@@ -32,7 +32,7 @@ import numpy as np
 from flaxbert.data.corpus import DataError, expand, read_documents
 from flaxbert.data.instances import (Assembled, InstanceConfig, TokenizedCorpus, assemble, continuation_ids,
                                      document_spans, tokenize_sentences)
-from flaxbert.data.masking import MaskingConfig, mask_tokens
+from flaxbert.data.masking import MaskingConfig, mask_batch
 
 FORMAT_VERSION = 1
 SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
@@ -213,27 +213,34 @@ class _ShardWriter:
         return self.stats
 
 
+def _mask_key(seed: int, dupe: int) -> int:
+    """The 128-bit key of a dupe round's static masks (`masking.mask_batch`'s counter-based generator)."""
+    words = np.random.SeedSequence([seed, dupe]).generate_state(2, np.uint64)
+    return int(words[0]) | int(words[1]) << 64
+
+
 class _Masks(NamedTuple):
     positions: np.ndarray  # [predictions] every instance's masked positions, flat
     inputs: np.ndarray  # [predictions] the input ids there ([MASK], random or unchanged)
     counts: np.ndarray  # [instances] predictions per instance
 
 
-def _static_masks(built: Assembled, doc_rows: list, mcfg: MaskingConfig, seed: int, dupe: int) -> _Masks:
-    """Masks of a block of instances: each document's instances in order, from that document's generator
-    (`doc_rows`: (document, its first row) for the documents of the block)."""
-    bounds = built.offsets.tolist()
-    positions, inputs, counts = [], [], np.zeros(len(bounds) - 1, np.int64)
-    for (doc, first), (_, last) in zip(doc_rows, doc_rows[1:] + [(None, len(counts))]):
-        rng = np.random.default_rng([seed, dupe, doc])
-        for k in range(first, last):
-            a, b = bounds[k], bounds[k + 1]
-            masked = mask_tokens(built.tokens[a:b], built.word_starts[a:b], mcfg, rng)
-            positions.append(masked.positions)
-            inputs.append(masked.input_ids[masked.positions])
-            counts[k] = len(masked.positions)
-    empty = [np.zeros(0, np.int32)]
-    return _Masks(np.concatenate(positions or empty), np.concatenate(inputs or empty), counts)
+def _static_masks(built: Assembled, spans: np.ndarray, mcfg: MaskingConfig, seq_len: int, key: int) -> _Masks:
+    """Masks of a block of instances in one `mask_batch` call. A row's id is A's first token offset, which no two
+    instances of a round share, and rows are padded to `seq_len`, so an instance's masks do not depend on the
+    block it is in (nor on the workers)."""
+    lengths = np.diff(built.offsets)
+    valid = np.arange(seq_len) < lengths[:, None]  # [n, seq_len]
+    tokens = np.zeros(valid.shape, np.int32)
+    tokens[valid] = built.tokens
+    word_starts = None
+    if mcfg.whole_word:
+        word_starts = np.zeros(valid.shape, np.uint8)
+        word_starts[valid] = built.word_starts
+    masked = mask_batch(tokens, valid, word_starts, mcfg, key, spans[:, 0])
+    real = masked.weights > 0
+    positions = masked.positions[real]
+    return _Masks(positions, masked.input_ids[np.nonzero(real)[0], positions], real.sum(axis=1))
 
 
 def _write_shard(args) -> dict:
@@ -248,28 +255,26 @@ def _write_shard(args) -> dict:
     name = f"shard-{shard:05d}"
     writer = _ShardWriter(Path(out_dir) / name, manifest)
 
-    def flush(rows: list, doc_rows: list, dupe: int) -> None:
+    def flush(rows: list, key: int) -> None:
         if not rows:
             return
         spans = np.array(rows, np.int64)
+        rows.clear()
         # mapped per block, so that the pages read are released with it (RSS does not grow with the corpus)
         mapped = dataclasses.replace(index, tokens=np.load(tokenized / "tokens.npy", mmap_mode="r"),
                                      word_starts=np.load(tokenized / "word_starts.npy", mmap_mode="r"))
         built = assemble(mapped, spans, cls_id, sep_id)
         del mapped
-        writer.append(spans, built, _static_masks(built, doc_rows, mcfg, seed, dupe))
-        rows.clear()
-        doc_rows.clear()
+        writer.append(spans, built, _static_masks(built, spans, mcfg, manifest["max_seq_length"], key))
 
     for dupe in range(manifest["dupe_factor"]):
         rows: list = []
-        doc_rows: list = []  # (document, its first row) in the block
+        key = _mask_key(seed, dupe)
         for doc in range(doc_lo, doc_hi):
-            doc_rows.append((doc, len(rows)))
             document_spans(index, doc, icfg, random.Random(f"{seed}/{dupe}/{doc}"), rows)
             if len(rows) >= BLOCK_INSTANCES:
-                flush(rows, doc_rows, dupe)
-        flush(rows, doc_rows, dupe)
+                flush(rows, key)
+        flush(rows, key)
     return {"name": name, **writer.close(), "documents": (doc_hi - doc_lo) * manifest["dupe_factor"]}
 
 
