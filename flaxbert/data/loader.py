@@ -126,16 +126,19 @@ class PreparedData:
             where = np.where(valid, index, 0)
             return [np.where(valid, np.take(self.flat[0][n], where), 0) for n in names]
         outs = [np.zeros(index.shape, self.flat[0][n].dtype) for n in names]
-        flat_shard = np.where(valid, shard, -1).ravel().astype(np.int16)
-        order = np.argsort(flat_shard, kind="stable")  # a radix sort for 16-bit keys: elements grouped by shard
-        bounds = np.searchsorted(flat_shard[order], np.arange(len(self.flat) + 1))
+        flat_shard = np.where(valid, shard, -1).ravel()
         flat_index = index.ravel()
-        for k in range(len(self.flat)):
-            where = order[bounds[k]:bounds[k + 1]]
-            if len(where):
-                local = flat_index[where] - base[k]
-                for n, out in zip(names, outs):
-                    out.reshape(-1)[where] = np.take(self.flat[k][n], local)
+        present = np.flatnonzero(np.bincount(flat_shard + 1, minlength=len(self.flat) + 1)[1:])
+        if len(present) <= 16:  # a comparison per shard is cheaper than sorting
+            groups = ((k, np.flatnonzero(flat_shard == k)) for k in present)
+        else:  # group the elements by shard with one sort
+            order = np.argsort(flat_shard.astype(np.int16 if len(self.flat) < 2**15 else np.int32), kind="stable")
+            bounds = np.searchsorted(flat_shard[order], np.arange(len(self.flat) + 1))
+            groups = ((k, order[bounds[k]:bounds[k + 1]]) for k in present)
+        for k, where in groups:
+            local = flat_index[where] - base[k]
+            for n, out in zip(names, outs):
+                out.reshape(-1)[where] = np.take(self.flat[k][n], local)
         return outs
 
 
@@ -196,21 +199,20 @@ class BatchMaker:
         B, K = inst.shape
         j = np.arange(P)
         count = np.where(filled, d.num_masks[inst], 0)  # [B, K]
-        valid = j[None, None, :] < count[:, :, None]  # [B, K, P]
-        source = d.mask_offsets[inst][:, :, None] + j
-        shard = np.broadcast_to(d.shard[inst][:, :, None], source.shape)
-        positions, values = d.gather(("mask_positions", "mask_inputs"), source, valid, shard)
-        positions = positions.astype(np.int64) + starts[:, :, None]
-        # each row's [K * P] candidates (in row order already) into P slots
-        b, c, slot = compact(valid.reshape(B, K * P), P)
+        valid = (j[None, None, :] < count[:, :, None]).reshape(B, K * P)  # [B, K * P] in row order
+        b, c, slot = compact(valid, P)  # each row's stored masks into its P slots
+        k, m = np.divmod(c, P)
+        positions, values = d.gather(("mask_positions", "mask_inputs"), d.mask_offsets[inst[b, k]] + m,
+                                     np.ones(len(b), bool), d.shard[inst[b, k]])
+        positions = positions.astype(np.int64) + starts[b, k]
         out_positions = np.zeros((B, P), np.int32)
-        out_positions[b, slot] = positions.reshape(B, -1)[b, c]
+        out_positions[b, slot] = positions
         weights = np.zeros((B, P), np.float32)
         weights[b, slot] = 1.0
         labels = np.zeros((B, P), np.int32)
-        labels[b, slot] = tokens[b, out_positions[b, slot]]
+        labels[b, slot] = tokens[b, positions]
         input_ids = tokens.copy()
-        input_ids[b, out_positions[b, slot]] = values.reshape(B, -1)[b, c]
+        input_ids[b, positions] = values
         return input_ids, out_positions, labels, weights
 
 
