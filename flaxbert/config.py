@@ -36,7 +36,7 @@ class BertConfig:
     pad_token_id: int = 0
     # --- flaxbert-only settings (not part of a HF config) ---
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attention_impl: str = "xla"  # xla einsum | jax.nn.dot_product_attention (cuDNN flash on GPU)
+    attention_impl: str = "xla"  # xla einsum | dot_product_attention (jax.nn, XLA) | cudnn (GPU, 16-bit, padded rows)
     scan_layers: bool = True  # stack layers on a `layers` axis and lax.scan over them
     remat_policy: str = "none"  # activation checkpointing per layer; see REMAT_POLICIES
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxbert.config import BertConfig
+from flaxbert.config import BertConfig, ConfigError
 
 Array = jax.Array
 ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "instance_ids")
@@ -206,6 +206,27 @@ def attention_mask_4d(attention_mask: Array, instance_ids: Optional[Array]) -> A
     return (same & (instance_ids[:, None, :] > 0))[:, None, :, :]
 
 
+def cudnn_attention(q, k, v, mask, scale: float, config: BertConfig) -> Array:
+    """cuDNN flash attention with cuDNN's own padding mask: the key lengths of right-padded rows (real tokens
+    first, as every flaxbert batch builder makes them). What it cannot take is a ConfigError naming the
+    setting, raised when the step is traced, rather than a quiet switch to another kernel (a benchmark would
+    then time the wrong one): packed rows, whose block-diagonal mask would reach cuDNN only as a dense
+    [batch, 1, seq, seq] additive bias; float32; and a backend without cuDNN."""
+    problem = None
+    if mask.shape[2] != 1:  # [batch, 1, q, k]: a per-query mask, i.e. packed rows with instance_ids
+        problem = "packed rows (instance_ids) need a block-diagonal mask, which cuDNN's padding mask cannot express"
+    elif config.dtype == "float32":
+        problem = "cuDNN's flash kernel takes only bfloat16 or float16 (BertConfig.dtype is 'float32')"
+    elif jax.default_backend() != "gpu":
+        problem = f"it needs an NVIDIA GPU, and this process computes on {jax.default_backend()!r}"
+    if problem:
+        raise ConfigError(f"BertConfig.attention_impl='cudnn': {problem}; use attention_impl="
+                          "'dot_product_attention' or 'xla' for this run")
+    # A row without real tokens (a filler row) keeps one key, so that it stays finite as it does under xla.
+    lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)  # [batch]
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
 class SelfAttention(nn.Module):
     config: BertConfig
     deterministic: bool
@@ -229,10 +250,10 @@ class SelfAttention(nn.Module):
             if not self.deterministic and c.attention_probs_dropout_prob > 0:
                 probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
             ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        else:
-            # jax.nn.dot_product_attention has no attention-probability dropout; cuDNN flash on GPU.
-            impl = "cudnn" if c.attention_impl == "cudnn" else None
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+        elif c.attention_impl == "cudnn":
+            ctx = cudnn_attention(q, k, v, mask, scale, c)
+        else:  # jax.nn.dot_product_attention (XLA's version) has no attention-probability dropout
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
                                kernel_init=_normal(c, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
                                name="output")(ctx)

@@ -200,6 +200,21 @@ def test_dot_product_attention_matches_xla():
     np.testing.assert_allclose(np.asarray(a.mlm_logits), np.asarray(b.mlm_logits), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, packed, reason", [
+    ("bfloat16", True, "packed rows"),  # checked first, so it is seen on a CPU too
+    ("float32", False, "bfloat16 or float16"),
+    ("bfloat16", False, "needs an NVIDIA GPU"),  # this CPU: the combination that runs on a GPU
+])
+def test_cudnn_attention_refuses_what_it_cannot_take_with_a_clear_error(dtype, packed, reason):
+    cfg = _tiny(attention_impl="cudnn", dtype=dtype)
+    params = flaxbert.init(cfg.replace(attention_impl="xla"), jax.random.key(0))  # the same parameters
+    batch = _random_batch(cfg)
+    if packed:
+        batch["instance_ids"] = batch["attention_mask"] * (1 + (np.arange(16)[None] >= 8))
+    with pytest.raises(flaxbert.ConfigError, match=f"attention_impl='cudnn': .*{reason}.*'dot_product_attention'"):
+        flaxbert.encode(params, batch, cfg)
+
+
 def test_padding_does_not_change_real_tokens():
     cfg = _tiny()
     params = flaxbert.init(cfg, jax.random.key(0))
