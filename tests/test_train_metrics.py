@@ -1,6 +1,7 @@
 """Throughput / MFU accounting and the metrics sinks (jsonl, TensorBoard, PNG)."""
 
 import os
+import sys
 
 import pytest
 
@@ -36,3 +37,12 @@ def test_writer_and_plot(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     png = mx.plot(str(tmp_path / "metrics.jsonl"), str(tmp_path / "metrics.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_writer_without_tensorboardx_keeps_the_jsonl(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the import fail
+    w = mx.MetricsWriter(str(tmp_path))
+    w.write(1, {"loss": 2.0})
+    w.close()
+    assert mx.read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "split": "train", "loss": 2.0}]
+    assert "tensorboardX is not installed" in caplog.text and not (tmp_path / "tensorboard").exists()

@@ -1,12 +1,15 @@
-"""Training metrics sinks (metrics.jsonl, TensorBoard via tensorboardX, a PNG of the curves) and
-throughput/MFU accounting. Only process 0 writes."""
+"""Training metrics sinks (metrics.jsonl, TensorBoard via tensorboardX when it is installed, a PNG of the
+curves) and throughput/MFU accounting. Only process 0 writes."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Iterable, Mapping, Optional
+
+log = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per *JAX device* (a TPU v2/v3 device is one core; v4 and later one chip).
 # Matched as a case-insensitive substring of `device.device_kind`, most specific first.
@@ -56,9 +59,13 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            try:  # optional: an accelerator image may lack it, and metrics.jsonl holds every record anyway
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.warning("tensorboardX is not installed: metrics go to %s only (pip install tensorboardX "
+                            "for TensorBoard)", self.path)
+            else:
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
         if not self.enabled:
@@ -68,7 +75,7 @@ class MetricsWriter:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in metrics.items():
-            if math.isfinite(float(v)):
+            if self._tb is not None and math.isfinite(float(v)):
                 self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self) -> None:
