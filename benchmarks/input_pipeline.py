@@ -47,16 +47,16 @@ def rate(fn: Callable[[], dict], *, seconds: float, min_batches: int = 5) -> tup
     return (time.perf_counter() - start) / n, last
 
 
-def prepare_dirs(work: Path, seq: int, tokenizer: Path) -> dict[bool, Path]:
+def prepare_dirs(work: Path, seq: int, tokenizer: Path, quick: bool = False) -> dict[bool, Path]:
     from flaxbert.data import prepare
 
-    corpus = [str(WIKI / "wiki.valid.tokens"), str(WIKI / "wiki.test.tokens")]
+    corpus = [str(WIKI / "wiki.valid.tokens")] + ([] if quick else [str(WIKI / "wiki.test.tokens")])
     out = {}
     for whole_word in (False, True):
         out[whole_word] = work / f"wiki-s{seq}{'-wwm' if whole_word else ''}"
         prepare(corpus, tokenizer, out[whole_word], corpus_format="wikitext", max_seq_length=seq,
                 max_predictions_per_seq={128: 20, 512: 80}.get(seq, int(np.ceil(0.15 * seq)) + 1),
-                dupe_factor=2 if seq <= 128 else 4, whole_word_masking=whole_word, progress=False)
+                dupe_factor=1 if quick else 2 if seq <= 128 else 4, whole_word_masking=whole_word, progress=False)
     return out
 
 
@@ -90,7 +90,7 @@ def bare_gather(bytes_per_row: int, batch: int, seconds: float, rows: int = 200_
     return {"s_per_batch": s, "rows_per_s": batch / s, "bytes_per_row": bytes_per_row}
 
 
-def hf_paths(tokenizer: Path, seq: int, batch: int, seconds: float) -> list[dict]:
+def hf_paths(tokenizer: Path, seq: int, batch: int, seconds: float, quick: bool = False) -> list[dict]:
     """HF's MLM input path as users run it (run_mlm's grouping into blocks; run_mlm_flax's NumPy collation)."""
     import datasets
     import torch
@@ -98,7 +98,7 @@ def hf_paths(tokenizer: Path, seq: int, batch: int, seconds: float) -> list[dict
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    lines = [line for name in ("wiki.valid.tokens", "wiki.test.tokens")
+    lines = [line for name in ("wiki.valid.tokens",) + (() if quick else ("wiki.test.tokens",))
              for line in (WIKI / name).read_text(encoding="utf-8").splitlines() if line.strip()]
     ds = datasets.Dataset.from_dict({"text": lines})
     ds = ds.map(lambda b: tok(b["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"])
@@ -122,7 +122,7 @@ def hf_paths(tokenizer: Path, seq: int, batch: int, seconds: float) -> list[dict
                 "rows_per_s": batch / s, "real_tokens_per_s": batch * seq / s})
     pt_collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
     torch.manual_seed(0)
-    for workers in (0, 2):
+    for workers in (0,) if quick else (0, 2):
         dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=pt_collator,
                                          num_workers=workers, persistent_workers=workers > 0)
         it = iter(dl)
@@ -265,7 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--prepare-workers", default="1,2")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="input-pipeline")
+    ap.add_argument("--quick", action="store_true", help="less data and time, no steps or prepare: a smoke run")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.no_steps, args.prepare_tokens = min(args.seconds, 0.05), True, 0
     from benchmarks import common
     from benchmarks.prepare_corpus import build_corpus, measure_prepare, minilm_tokenizer
 
@@ -277,11 +280,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "accelerator_seq_per_s": ACCELERATOR_SEQ_PER_S}
     with tempfile.TemporaryDirectory() as tmp:
         for seq in [int(s) for s in args.seqs.split(",") if s]:
-            dirs = prepare_dirs(Path(tmp), seq, tokenizer)
+            dirs = prepare_dirs(Path(tmp), seq, tokenizer, quick=args.quick)
             cell = {"seq": seq, "flaxbert": flaxbert_modes(dirs, args.batch, args.seconds)}
             cell["bare_gather"] = bare_gather(max(m["bytes_per_row"] for m in cell["flaxbert"]), args.batch,
                                               args.seconds)
-            cell["hf"] = hf_paths(tokenizer, seq, args.batch, args.seconds)
+            cell["hf"] = hf_paths(tokenizer, seq, args.batch, args.seconds, quick=args.quick)
             report["cells"].append(cell)
             if seq == 128 and not args.no_steps:
                 report["loop"] = loop_vs_bare(dirs[False])

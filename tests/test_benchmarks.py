@@ -49,3 +49,14 @@ def test_synthetic_batch_follows_the_contract():
     assert b["input_ids"].shape == (3, 32) and b["masked_lm_positions"].shape == (3, 5)
     assert all(len(set(row)) == 5 and 0 not in row for row in b["masked_lm_positions"])
     assert b["input_ids"].max() < CONFIG.vocab_size
+
+
+def test_input_pipeline_benchmark_runs_every_mode_and_peer(tmp_path):
+    from benchmarks import input_pipeline
+
+    report = input_pipeline.main(["--quick", "--seqs", "64", "--batch", "16", "--out", str(tmp_path)])
+    (cell,) = report["cells"]
+    assert [m["mode"] for m in cell["flaxbert"]] == [input_pipeline.mode_name(*m) for m in input_pipeline.MODES]
+    assert all(m["rows_per_s"] > 0 and 0 < m["real_tokens_per_row"] <= 64 for m in cell["flaxbert"])
+    assert len(cell["hf"]) == 2 and cell["bare_gather"]["rows_per_s"] > 0
+    assert (tmp_path / "input-pipeline.md").read_text().count("| flaxbert ") == len(input_pipeline.MODES)
