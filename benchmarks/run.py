@@ -24,7 +24,7 @@ import jax
 from benchmarks import common, peers
 from flaxbert.config import BertConfig
 
-PEERS = ("hf_torch", "hf_flax")
+PEERS = tuple(peers.PRETRAINING_PEERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +51,14 @@ class Cell:
         return cls(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else dtype, attention_impl)
 
 
+def default_attention(platform: str) -> str:
+    return "cudnn" if platform == "gpu" else "xla"
+
+
 def default_grid(platform: str) -> list[Cell]:
     if platform == "cpu":
         return [Cell("tiny", 128, 32), Cell("tiny", 512, 8), Cell("base", 128, 8), Cell("base", 512, 2)]
-    attn = "cudnn" if platform == "gpu" else "xla"
+    attn = default_attention(platform)
     return [Cell(size, seq, batch, "bfloat16", attn)
             for size, seq, batch in (("base", 128, 128), ("base", 512, 32), ("large", 128, 64), ("large", 512, 16))]
 
@@ -70,13 +74,15 @@ def run_cell(cell: Cell, peer_names: Sequence[str], *, warmup: int, rounds: int,
     params = peers.init_params(config)
     runners = [peers.flaxbert_runner(config, params, batch)]
     log(f"[{cell.label}] flaxbert compiled in {runners[0].compile_seconds:.1f} s")
-    hf_dir = common.hf_copy(params, config, "pretraining") if peer_names else None
+    available, skipped = peers.available(peer_names)
+    for name, why in skipped.items():
+        log(f"[{cell.label}] {name} skipped: {why}")
+    hf_dir = common.hf_copy(params, config, "pretraining") if available else None
     try:
-        if "hf_torch" in peer_names:
-            runners.append(peers.hf_torch_runner(hf_dir.name, config, batch))
-        if "hf_flax" in peer_names:
-            runners.append(peers.hf_flax_runner(hf_dir.name, config, batch))
-            log(f"[{cell.label}] HF Flax compiled in {runners[-1].compile_seconds:.1f} s")
+        for name in available:
+            runners.append(peers.PRETRAINING_PEERS[name].make(hf_dir.name, config, batch))
+            if runners[-1].compile_seconds is not None:
+                log(f"[{cell.label}] {runners[-1].name} compiled in {runners[-1].compile_seconds:.1f} s")
     finally:
         if hf_dir is not None:
             hf_dir.cleanup()
@@ -111,7 +117,7 @@ def run_cell(cell: Cell, peer_names: Sequence[str], *, warmup: int, rounds: int,
               "model_flops_per_token": flops_per_token, "ceiling_flops": ceiling_flops,
               "ceiling_shapes": {c.name: c.flops / c.median for c in ceiling}, "datasheet_peak_flops": peak,
               "device_peak_bytes_process": device_peak, "load_average_before": load_before,
-              "load_average_after": common.load_average(), "rows": rows}
+              "load_average_after": common.load_average(), "rows": rows, "skipped_peers": skipped}
     for row in rows:
         log(f"[{cell.label}] {row['contender']:<22} {row['step_seconds']:.3f} s/step  {row['tokens_per_sec']:9.1f} tok/s  "
             f"MFU {row['mfu_vs_ceiling']:.1%} of {ceiling_flops / 1e9:.0f} GFLOP/s  "
@@ -136,11 +142,17 @@ def markdown(report: dict) -> str:
              "| cell | contender | compile (s) | step (s, median) | tokens/s | seq/s | flaxbert × | MFU vs matmul ceiling "
              "| MFU vs datasheet | memory |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
     for cell in report["cells"]:
+        skipped += [f"{name} on {cell['label']}: {why}" for name, why in cell.get("skipped_peers", {}).items()]
+        on_device = cell.get("device_peak_bytes_process") is not None
         for row in cell["rows"]:
-            mem = _gib(row["peak_device_bytes"]) if row["peak_device_bytes"] else f"RSS {_gib(row['peak_rss_bytes'])}"
+            mem = [f"RSS {_gib(row['peak_rss_bytes'])}"] if not on_device else []
+            if row["peak_device_bytes"]:
+                mem = [_gib(row["peak_device_bytes"])]
             if row.get("xla_step_bytes"):
-                mem += f"; step {_gib(row['xla_step_bytes'])}"
+                mem.append(f"step {_gib(row['xla_step_bytes'])}")
+            mem = "; ".join(mem) or "–"
             compile_s = "eager" if row["compile_seconds"] is None else f"{row['compile_seconds']:.1f}"
             dsheet = "–" if row["mfu_vs_datasheet"] is None else f"{row['mfu_vs_datasheet']:.1%}"
             lines.append(f"| {cell['label']} | {row['contender']} | {compile_s} | {row['step_seconds']:.3f} | "
@@ -152,7 +164,9 @@ def markdown(report: dict) -> str:
               "the ceiling is the best fp32/bf16 matmul rate measured in the same rounds. CPU memory is the "
               "process RSS while the contender ran (all contenders share the process); `step` is XLA's own "
               "account of the compiled step (arguments + outputs + temporaries, less donated aliases); on "
-              "GPU/TPU the first figure is the device's peak bytes in use."]
+              "GPU/TPU HF PyTorch's figure is PyTorch's peak allocation, and the process's device peak (all JAX "
+              "contenders so far) is in the JSON as `device_peak_bytes_process`."]
+    lines += [f"Skipped: {s}." for s in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = ap.parse_args(argv)
     common.setup_host(args.host_malloc)
     platform = jax.devices()[0].platform
-    attn = args.attention_impl or ("cudnn" if platform == "gpu" else "xla")
+    attn = args.attention_impl or default_attention(platform)
     if args.quick:
         cells = [Cell("tiny", 128, 16, args.dtype, attn)]
         args.rounds = min(args.rounds, 3)

@@ -60,3 +60,12 @@ def test_input_pipeline_benchmark_runs_every_mode_and_peer(tmp_path):
     assert all(m["rows_per_s"] > 0 and 0 < m["real_tokens_per_row"] <= 64 for m in cell["flaxbert"])
     assert len(cell["hf"]) == 2 and cell["bare_gather"]["rows_per_s"] > 0
     assert (tmp_path / "input-pipeline.md").read_text().count("| flaxbert ") == len(input_pipeline.MODES)
+
+
+def test_a_peer_this_machine_cannot_run_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setitem(peers.PRETRAINING_PEERS, "hf_flax",
+                        peers.Peer(("transformers:FlaxNoSuchModel",), peers.hf_flax_runner))
+    monkeypatch.setitem(peers.PRETRAINING_PEERS, "other", peers.Peer(("no_such_module_here",), peers.hf_flax_runner))
+    names, skipped = peers.available(["hf_torch", "hf_flax", "other"])
+    assert names == ["hf_torch"]
+    assert "has no FlaxNoSuchModel" in skipped["hf_flax"] and "no_such_module_here is not installed" in skipped["other"]
