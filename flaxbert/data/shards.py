@@ -149,21 +149,63 @@ def _tokenize(chunks: Iterator, directory: Path, dtype: str, pool, ahead: int, p
             tokens.append(chunk.tokens)
             word_starts.append(chunk.word_starts)
             keep = chunk.lengths > 0
-            lengths.append(chunk.lengths[keep])
+            lengths.append(chunk.lengths[keep].astype(np.int32))
             kept = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[keep], minlength=len(sizes))
-            doc_sizes.append(kept[kept > 0])
+            doc_sizes.append(kept[kept > 0].astype(np.int32))
             bar.update(1)
     tokens.close()
     word_starts.close()
-    tc = TokenizedCorpus(np.load(directory / "tokens.npy", mmap_mode="r"),
-                         np.load(directory / "word_starts.npy", mmap_mode="r"), _offsets(lengths), _offsets(doc_sizes))
-    np.save(directory / "sentence_offsets.npy", tc.sentence_offsets)
-    np.save(directory / "doc_offsets.npy", tc.doc_offsets)
-    return tc
+    index = TokenizedCorpus(None, None, _offsets(lengths), _offsets(doc_sizes))  # the tokens stay on disk
+    np.save(directory / "sentence_offsets.npy", index.sentence_offsets)
+    np.save(directory / "doc_offsets.npy", index.doc_offsets)
+    return index
 
 
 def _offsets(counts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(np.concatenate(counts or [np.zeros(0, np.int64)]))]).astype(np.int64)
+    """[0, cumsum...] as int64, with one temporary copy (these are the arrays that grow with the corpus)."""
+    flat = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    out = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum(flat, out=out[1:])
+    return out
+
+
+class _SpanReader:
+    """Runs of the tokenised corpus, read with pread. Not a map: the pages a map touches count as the process's
+    memory, and with the kernel's fault-around a block's random B segments would map most of the files."""
+
+    def __init__(self, directory: Path, token_dtype: str):
+        self.files = [(os.open(directory / "tokens.npy", os.O_RDONLY), np.dtype(token_dtype)),
+                      (os.open(directory / "word_starts.npy", os.O_RDONLY), np.dtype(np.uint8))]
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, word starts) of the runs [starts[k], starts[k] + lengths[k]), concatenated."""
+        out = []
+        for fd, dtype in self.files:  # the data start after NpyAppender's fixed-size header
+            size = dtype.itemsize
+            out.append(np.frombuffer(b"".join(os.pread(fd, int(n) * size, NpyAppender.HEADER + int(a) * size)
+                                              for a, n in zip(starts, lengths)), dtype))
+        return out[0], out[1]
+
+    def close(self) -> None:
+        for fd, _ in self.files:
+            os.close(fd)
+
+
+def _read_block(reader: _SpanReader, spans: np.ndarray) -> tuple[TokenizedCorpus, np.ndarray]:
+    """The tokens a block of span rows needs, and the rows pointing into them: one read for the block's own
+    documents (A, and B when it follows A), one per random B."""
+    random_next = spans[:, 4].astype(bool)
+    ends = spans[:, [0, 2]] + spans[:, [1, 3]]
+    lo = int(spans[:, 0].min())
+    hi = int(max(ends[:, 0].max(), ends[~random_next, 1].max(initial=0)))
+    starts = np.concatenate([[lo], spans[random_next, 2]])
+    lengths = np.concatenate([[hi - lo], spans[random_next, 3]])
+    tokens, word_starts = reader.read(starts, lengths)
+    local = spans.copy()
+    local[:, 0] -= lo
+    local[~random_next, 2] -= lo
+    local[random_next, 2] = np.cumsum(lengths)[:-1]
+    return TokenizedCorpus(tokens, word_starts, None, None), local
 
 
 def masking_config(manifest: dict, replacement_ids: np.ndarray) -> MaskingConfig:
@@ -248,7 +290,8 @@ def _write_shard(args) -> dict:
     out_dir, shard, doc_lo, doc_hi, manifest = args
     tokenized = Path(out_dir) / "_tokenized"
     index = TokenizedCorpus(None, None, np.load(tokenized / "sentence_offsets.npy"),
-                            np.load(tokenized / "doc_offsets.npy"))  # the tokens are mapped per block
+                            np.load(tokenized / "doc_offsets.npy"))  # the tokens are read per block
+    reader = _SpanReader(tokenized, manifest["token_dtype"])
     mcfg = masking_config(manifest, np.load(Path(out_dir) / "replacement_ids.npy"))
     icfg = InstanceConfig(manifest["max_seq_length"], manifest["short_seq_prob"])
     cls_id, sep_id, seed = manifest["cls_id"], manifest["sep_id"], manifest["seed"]
@@ -260,11 +303,7 @@ def _write_shard(args) -> dict:
             return
         spans = np.array(rows, np.int64)
         rows.clear()
-        # mapped per block, so that the pages read are released with it (RSS does not grow with the corpus)
-        mapped = dataclasses.replace(index, tokens=np.load(tokenized / "tokens.npy", mmap_mode="r"),
-                                     word_starts=np.load(tokenized / "word_starts.npy", mmap_mode="r"))
-        built = assemble(mapped, spans, cls_id, sep_id)
-        del mapped
+        built = assemble(*_read_block(reader, spans), cls_id, sep_id)
         writer.append(spans, built, _static_masks(built, spans, mcfg, manifest["max_seq_length"], key))
 
     for dupe in range(manifest["dupe_factor"]):
@@ -275,6 +314,7 @@ def _write_shard(args) -> dict:
             if len(rows) >= BLOCK_INSTANCES:
                 flush(rows, key)
         flush(rows, key)
+    reader.close()
     return {"name": name, **writer.close(), "documents": (doc_hi - doc_lo) * manifest["dupe_factor"]}
 
 
@@ -367,7 +407,8 @@ def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_sh
         _check_documents(read, tc, ", ".join(manifest["corpus"]), manifest["corpus_format"])
         phases["tokenize_s"] = time.perf_counter() - start - sum(phases.values())
         # 2. instances + static masks, one task per shard of contiguous documents with ~equal token counts
-        num_shards = min(num_shards or max(8, math.ceil(len(tc.tokens) / 20_000_000)), tc.num_docs)
+        corpus_tokens = int(tc.sentence_offsets[-1])
+        num_shards = min(num_shards or max(8, math.ceil(corpus_tokens / 20_000_000)), tc.num_docs)
         doc_tokens = tc.sentence_offsets[tc.doc_offsets]
         bounds = np.searchsorted(doc_tokens, np.linspace(0, doc_tokens[-1], num_shards + 1)).astype(int)
         bounds[0], bounds[-1] = 0, tc.num_docs  # (a shard may be empty when one document outweighs it)
@@ -391,13 +432,13 @@ def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_sh
     seconds = time.perf_counter() - start
     manifest["shards"] = [{"name": s["name"], "instances": s["instances"]} for s in shards]
     manifest["counts"] = {
-        "documents": tc.num_docs, "sentences": len(tc.sentence_offsets) - 1, "corpus_tokens": len(tc.tokens),
+        "documents": tc.num_docs, "sentences": len(tc.sentence_offsets) - 1, "corpus_tokens": corpus_tokens,
         **{key: sum(s[key] for s in shards) for key in ("instances", "tokens", "predictions", "random_next",
                                                           "short_target")}}
     manifest["throughput"] = {"workers": workers, "seconds": round(seconds, 3),
                               **{k: round(v, 3) for k, v in phases.items()},
                               "read_s": round(read.seconds, 3),  # inside tokenize_s: reading overlaps it
-                              "corpus_tokens_per_s": round(len(tc.tokens) / seconds, 1)}
+                              "corpus_tokens_per_s": round(corpus_tokens / seconds, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
