@@ -154,7 +154,7 @@ def step_times(seconds: float) -> list[dict]:
                                        common.pretraining_batch(config, batch, 128, 20))
         s, _ = rate(lambda: runner.step() or {}, seconds=seconds, min_batches=3)
         out.append({"model": f"BERT-{size}", "seq": 128, "batch": batch, "s_per_step": s, "s_per_row": s / batch,
-                    "compile_s": runner.compile_s})
+                    "compile_s": runner.compile_seconds})
         del runner
     return out
 
