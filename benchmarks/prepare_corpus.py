@@ -183,6 +183,14 @@ def measure_prepare(corpus: str | os.PathLike, workers: int, *, tokenizer: str |
             "load_average_after": os.getloadavg()}  # the machine is shared: how busy it was
 
 
+def _commit() -> str:
+    """The measured code: HEAD, marked when flaxbert/ has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain", "flaxbert") else "")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--min-tokens", type=int, default=100_000_000)
@@ -203,8 +211,9 @@ def main(argv=None) -> None:
               f"{r['peak_rss_bytes'] / 2**20:>11,.0f} {r['peak_tree_pss_bytes'] / 2**20:>11,.0f}  {phases}")
     corpus.pop("path")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"corpus": corpus, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-                                    "dupe_factor": args.dupe_factor, "runs": runs}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"commit": _commit(), "corpus": corpus, "cores": os.cpu_count(),
+                                    "load_average": os.getloadavg(), "dupe_factor": args.dupe_factor,
+                                    "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

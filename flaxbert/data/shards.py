@@ -7,7 +7,7 @@ Output is byte-identical for a given seed whatever the number of workers: every 
 
 Preparation streams, so its memory does not grow with the corpus (beyond the offsets, 8 bytes a sentence):
 documents are read in chunks that worker processes tokenise in order, and the tokens go to a file as they arrive;
-then every shard is built, masked and written a block of instances at a time, reading the tokens through a map.
+then every shard is built, masked and written a block of instances at a time, reading only the tokens it needs.
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_sh
         if pool is None:
             _worker_init(*init_args)
         phases["start_workers_s"] = time.perf_counter() - start
-        # 1. read and tokenise chunks, streamed: the tokens go to disk, where the shard workers map them
+        # 1. read and tokenise chunks, streamed: the tokens go to disk, where the shard workers read them
         read = _ReadStats()
         chunks = _chunks(documents, read)
         tc = _tokenize(chunks, out / "_tokenized", manifest["token_dtype"], pool, 2 * workers, progress)
