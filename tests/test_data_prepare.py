@@ -102,11 +102,17 @@ def test_output_does_not_depend_on_chunk_or_block_size(minilm_dir, tmp_path, mon
         assert (tmp_path / "default" / f).read_bytes() == (tmp_path / "small" / f).read_bytes(), f
 
 
-def test_an_error_late_in_the_corpus_leaves_no_directory(minilm_dir, tmp_path, monkeypatch):
+def test_an_error_late_in_the_corpus_leaves_the_output_directory_as_it_was(minilm_dir, tmp_path, monkeypatch):
     corpus = tmp_path / "late.txt"
     good = "".join(f"Sentence {i} of a document.\nAnother sentence here.\n\n" for i in range(3000))
     corpus.write_bytes(good.encode() + b"Caf\xe9.\n")
     monkeypatch.setattr(shards, "CHUNK_CHARS", 10_000)  # tokenisation is under way when the bad line is read
     with pytest.raises(DataError, match=r"late.txt:9001: bytes that are not UTF-8"):
         prepare(corpus, minilm_dir, tmp_path / "out", workers=2, progress=False)
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.txt"]  # no output, no partial directory
+    earlier = prepare(MEDITATIONS, minilm_dir, tmp_path / "out", corpus_format="lines", progress=False)
+    one_each = tmp_path / "one_each.txt"
+    one_each.write_text("Only one sentence here\nAnd one more line here\n")
+    with pytest.raises(DataError, match=r"one_each.txt: no document has two or more sentences"):
+        prepare(one_each, minilm_dir, tmp_path / "out", corpus_format="lines", overwrite=True, progress=False)
+    assert shards.load_manifest(tmp_path / "out") == earlier  # the earlier preparation is still there

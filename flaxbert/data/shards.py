@@ -374,12 +374,16 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
         "whole_word_masking": whole_word_masking, "seed": seed,
     }
-    out = _fresh_output_dir(Path(out_dir), overwrite)
+    out = Path(out_dir)
+    partial = _partial_output_dir(out, overwrite)
     try:
-        _write(documents, tokenizer, out, manifest, workers, num_shards, progress, start)
+        _write(documents, tokenizer, partial, manifest, workers, num_shards, progress, start)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # a half-written directory is never left to be taken for data
+        shutil.rmtree(partial, ignore_errors=True)
         raise
+    if out.exists():  # checked by _partial_output_dir: empty, or an earlier prepared directory to overwrite
+        shutil.rmtree(out)
+    partial.rename(out)
     return manifest
 
 
@@ -457,16 +461,19 @@ def _check_documents(read: _ReadStats, tc: TokenizedCorpus, where: str, corpus_f
                         f"sentences need at least two")
 
 
-def _fresh_output_dir(out: Path, overwrite: bool) -> Path:
-    """An empty `out`; with `overwrite`, an earlier prepared directory there is removed (nothing else is)."""
+def _partial_output_dir(out: Path, overwrite: bool) -> Path:
+    """The empty directory beside `out` that preparation writes and, when it succeeds, renames to `out`, so a run
+    that fails (a corpus check, a bad line at the end) leaves `out` as it was. `out` must be empty or, with
+    `overwrite`, an earlier prepared directory (nothing else is ever removed)."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out}: directory is not empty (pass overwrite=True / --overwrite)")
         if not ((out / "manifest.json").is_file() or (out / "_tokenized").is_dir()):
             raise DataError(f"{out}: not empty and not a prepared directory; refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
+    partial.mkdir(parents=True)
+    return partial
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> dict:
