@@ -278,6 +278,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": common.machine_info(),
               "settings": {"batch": args.batch, "seconds": args.seconds}, "cells": [],
               "accelerator_seq_per_s": ACCELERATOR_SEQ_PER_S}
+
+    def save() -> None:  # after every section, so that a failure later keeps what was measured
+        report["load_average_end"] = common.load_average()
+        report["wall_seconds"] = time.time() - t0
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.tag}.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.out, f"{args.tag}.md"), "w", encoding="utf-8") as f:
+            f.write(markdown(report))
+
     with tempfile.TemporaryDirectory() as tmp:
         for seq in [int(s) for s in args.seqs.split(",") if s]:
             dirs = prepare_dirs(Path(tmp), seq, tokenizer, quick=args.quick)
@@ -288,6 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             report["cells"].append(cell)
             if seq == 128 and not args.no_steps:
                 report["loop"] = loop_vs_bare(dirs[False])
+            save()
             print(markdown(report).split(f"## seq {seq}")[-1], flush=True)
         if not args.no_steps:
             modes = report["cells"][0]["flaxbert"]
@@ -299,21 +310,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 {"step": f"{name}, {rate_:,.0f} seq/s (constant)", "s_per_row": 1 / rate_,
                  "ratios": [m["s_per_batch"] / args.batch * rate_ for m in modes]}
                 for name, rate_ in ACCELERATOR_SEQ_PER_S.items()]
+            save()
         if args.prepare_tokens:
             corpus = build_corpus(Path(tmp) / "corpus.txt", args.prepare_tokens)
-            corpus["how"] = (f"{corpus['repeats']} seeded shuffles of {corpus['pool_documents']:,} documents from "
+            corpus["how"] = (f"{corpus['passes']} seeded shuffles of {corpus['pool_documents']:,} documents from "
                              "../shared/data (WikiText-2, Meditations, SQuAD, CoNLL-2003, GLUE, emotion), bert format")
             corpus.pop("path")
             runs = [measure_prepare(Path(tmp) / "corpus.txt", int(w), out_dir=tmp)
                     for w in args.prepare_workers.split(",")]
             report["prepare"] = {"corpus": corpus, "runs": runs}
-    report["load_average_end"] = common.load_average()
-    report["wall_seconds"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.tag}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, f"{args.tag}.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+    save()
     print(markdown(report))
     return report
 

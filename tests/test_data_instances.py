@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flaxbert.data.instances import InstanceConfig, TokenizedCorpus, document_instances
-from flaxbert.data.masking import MaskingConfig, mask_tokens, select_positions
+from flaxbert.data.masking import MaskingConfig, mask_batch, uniform
 
 CLS, SEP, MASK, PAD = 2, 3, 4, 0
 
@@ -97,47 +97,88 @@ def row(n):
     return np.concatenate([[CLS], np.arange(10, 10 + n), [SEP], np.arange(500, 500 + n), [SEP]]).astype(np.int32)
 
 
+def masked(tokens, starts, cfg, n, key=0):
+    """`n` independent maskings of one row: mask_batch over n copies with row ids 0..n-1."""
+    batch = np.tile(tokens, (n, 1))
+    return mask_batch(batch, np.ones_like(batch, bool), np.tile(starts, (n, 1)), cfg, key, np.arange(n))
+
+
 def test_mask_count_is_exact_in_expectation_and_capped():
     cfg = config(masked_lm_prob=0.15, max_predictions_per_seq=20)
-    rng = np.random.default_rng(0)
     tokens = row(3)  # 6 maskable tokens: 0.9 predictions expected, which BERT would round to 1 (17%)
-    counts = [len(select_positions(tokens, np.ones_like(tokens), cfg, rng)) for _ in range(4000)]
-    assert abs(np.mean(counts) - 0.9) < 0.03 and set(counts) == {0, 1}
+    counts = masked(tokens, np.ones_like(tokens), cfg, 4000).weights.sum(axis=1)
+    assert abs(np.mean(counts) - 0.9) < 0.03 and set(counts.tolist()) == {0, 1}
     capped = config(masked_lm_prob=0.5, max_predictions_per_seq=7)
-    for _ in range(20):
-        assert len(select_positions(row(60), np.ones(123, np.uint8), capped, rng)) == 7
+    assert (masked(row(60), np.ones(123, np.uint8), capped, 20).weights.sum(axis=1) == 7).all()
 
 
 def test_specials_never_masked_and_replacements():
-    cfg = config(masked_lm_prob=0.9, max_predictions_per_seq=500)
-    rng = np.random.default_rng(1)
+    cfg = config(masked_lm_prob=0.9, max_predictions_per_seq=128)
     tokens = row(50)
+    out = masked(tokens, np.ones_like(tokens), cfg, 200, key=1)
     kinds = Counter()
-    for _ in range(200):
-        out = mask_tokens(tokens, np.ones_like(tokens), cfg, rng)
-        assert not np.isin(tokens[out.positions], [CLS, SEP]).any()
-        assert (out.labels == tokens[out.positions]).all()
-        untouched = np.setdiff1d(np.arange(len(tokens)), out.positions)
-        assert (out.input_ids[untouched] == tokens[untouched]).all()
-        new = out.input_ids[out.positions]
+    for r in range(200):
+        real = out.weights[r] > 0
+        positions, labels = out.positions[r, real], out.labels[r, real]
+        assert (np.diff(positions) > 0).all() and not out.positions[r, ~real].any()
+        assert not np.isin(tokens[positions], [CLS, SEP]).any()
+        assert (labels == tokens[positions]).all()
+        untouched = np.setdiff1d(np.arange(len(tokens)), positions)
+        assert (out.input_ids[r, untouched] == tokens[untouched]).all()
+        new = out.input_ids[r, positions]
         assert not cfg.is_special[new[new != MASK]].any()
-        kinds.update(np.where(new == MASK, "mask", np.where(new == out.labels, "same", "random")).tolist())
+        kinds.update(np.where(new == MASK, "mask", np.where(new == labels, "same", "random")).tolist())
     total = sum(kinds.values())
     assert abs(kinds["mask"] / total - 0.8) < 0.01 and abs(kinds["random"] / total - 0.1) < 0.01
 
 
+def test_draws_depend_only_on_key_row_and_column():
+    a = uniform(7, np.array([5, 9, 2**40]), 41)
+    assert a.dtype == np.float32 and a.shape == (3, 41) and 0 <= a.min() and a.max() < 1
+    assert (uniform(7, np.array([9]), 41) == a[1]).all()  # the same row alone, or among others
+    assert not np.isin(uniform(8, np.array([5]), 41), a[0]).any()
+    big = uniform(3, np.arange(2000), 64)
+    assert abs(big.mean() - 0.5) < 0.002 and abs(np.corrcoef(big[:, 0], big[:, 1])[0, 1]) < 0.05
+
+
+def sequential_whole_words(tokens, starts, cfg, keys, count):
+    """google-research/bert's loop, one row: words (a maskable run opened by a word start or a special token
+    before it) in the order of their first token's key; a word that would overshoot `count` is skipped."""
+    maskable = ~cfg.is_special[tokens]
+    words, current = [], None
+    for i in range(len(tokens)):
+        if not maskable[i]:
+            current = None
+            continue
+        if current is None or starts[i]:
+            current = [i]
+            words.append(current)
+        else:
+            current.append(i)
+    chosen = []
+    for w in sorted(words, key=lambda w: keys[w[0]]):
+        if len(chosen) >= count:
+            break
+        if len(chosen) + len(w) <= count:
+            chosen.extend(w)
+    return sorted(chosen)
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_whole_word_selection(seed):
+def test_whole_word_selection_equals_the_sequential_rule(seed):
     cfg = config(masked_lm_prob=0.3, max_predictions_per_seq=40, whole_word=True)
     rng = np.random.default_rng(seed)
     tokens = row(40)
-    starts = (rng.random(len(tokens)) < 0.4).astype(np.uint8)
-    starts[1] = 0  # a word cut at the front of A still opens a word after [CLS]
-    positions = select_positions(tokens, starts, cfg, rng)
-    word = np.cumsum(starts | np.isin(np.roll(tokens, 1), [CLS, SEP]))
-    chosen = np.zeros(len(tokens), bool)
-    chosen[positions] = True
-    for w in np.unique(word[positions]):
-        members = (word == w) & ~np.isin(tokens, [CLS, SEP])
-        assert chosen[members].all()
-    assert 0 < len(positions) <= round(0.3 * 80) + 1
+    n = 300
+    starts = (rng.random((n, len(tokens))) < 0.4).astype(np.uint8)
+    starts[:, 1] = 0  # a word cut at the front of A still opens a word after [CLS]
+    batch = np.tile(tokens, (n, 1))
+    out = mask_batch(batch, np.ones_like(batch, bool), starts, cfg, seed, np.arange(n))
+    draws = uniform(seed, np.arange(n), len(tokens) + 1 + 2 * cfg.max_predictions_per_seq)
+    for r in range(n):
+        maskable = int((~cfg.is_special[tokens]).sum())
+        expected = 0.3 * maskable
+        u = draws[r, len(tokens)]
+        count = min(int(expected) + int(u < expected - int(expected)), cfg.max_predictions_per_seq)
+        reference = sequential_whole_words(tokens, starts[r], cfg, draws[r, :len(tokens)], count)
+        assert out.positions[r, out.weights[r] > 0].tolist() == reference, r

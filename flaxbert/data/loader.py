@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxbert.data import packing
 from flaxbert.data.corpus import DataError
-from flaxbert.data.masking import compact, mask_batch
+from flaxbert.data.masking import derive_key, mask_batch
 from flaxbert.data.shards import SHARD_ARRAYS, load_manifest, masking_config
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
@@ -38,12 +38,6 @@ STATE_VERSION = 2  # 1 was grain's iterator state (per process)
 _PER_INSTANCE = ("offsets", "a_lengths", "is_random_next", "mask_offsets")
 _FLAT = {"tokens": "offsets", "word_starts": "offsets", "mask_positions": "mask_offsets",
          "mask_inputs": "mask_offsets"}
-
-
-def _seed(*parts: int) -> int:
-    """A 128-bit key from integers (for `masking.uniform` and numpy generators)."""
-    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(4, np.uint32)
-    return int(sum(int(w) << (32 * i) for i, w in enumerate(words)))
 
 
 class PreparedData:
@@ -151,7 +145,7 @@ class BatchMaker:
         self.mask_cfg = None
         if masking == "dynamic":
             self.mask_cfg = masking_config(manifest, np.load(data.dir / "replacement_ids.npy"))
-        self.mask_key = _seed(seed, 2)
+        self.mask_key = derive_key(seed, 2)
 
     def __call__(self, slots: np.ndarray, stream_rows: np.ndarray) -> dict[str, np.ndarray]:
         d, S, P = self.data, self.data.seq_len, self.data.max_predictions
@@ -197,11 +191,13 @@ class BatchMaker:
         """The masks written by prepare, moved to row coordinates; a plan never puts more than P in a row."""
         d, P = self.data, self.data.max_predictions
         B, K = inst.shape
-        j = np.arange(P)
-        count = np.where(filled, d.num_masks[inst], 0)  # [B, K]
-        valid = (j[None, None, :] < count[:, :, None]).reshape(B, K * P)  # [B, K * P] in row order
-        b, c, slot = compact(valid, P)  # each row's stored masks into its P slots
-        k, m = np.divmod(c, P)
+        count = np.where(filled, d.num_masks[inst], 0).ravel()  # [B * K] stored masks of each slot
+        pair = np.repeat(np.arange(B * K), count)  # one entry per stored mask, in row order
+        m = np.arange(len(pair)) - (np.cumsum(count) - count)[pair]  # its index within the slot's masks
+        b, k = np.divmod(pair, K)
+        slot = (np.cumsum(count.reshape(B, K), axis=1) - count.reshape(B, K))[b, k] + m  # index in the row
+        keep = slot < P  # always, for a planned row; kept as a guard
+        b, k, m, slot = b[keep], k[keep], m[keep], slot[keep]
         positions, values = d.gather(("mask_positions", "mask_inputs"), d.mask_offsets[inst[b, k]] + m,
                                      np.ones(len(b), bool), d.shard[inst[b, k]])
         positions = positions.astype(np.int64) + starts[b, k]
@@ -235,7 +231,7 @@ class Order:
     def epoch(self, e: int) -> np.ndarray:
         """[units, K] instance ids of epoch e in stream order (K = 1 unpacked)."""
         if e not in self._cache:
-            rng = np.random.default_rng(_seed(self.seed, 1, e))
+            rng = np.random.default_rng(derive_key(self.seed, 1, e))
             instances = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
             if self.plan is None:
                 units = instances[:, None]

@@ -1,4 +1,5 @@
-"""Masked-LM target selection, the single implementation used by static (prepare) and dynamic (loader) masking.
+"""Masked-LM target selection over whole batches, the one implementation behind static (prepare) and dynamic
+(loader) masking.
 
 google-research/bert semantics with three documented changes: the number of predictions is
 `masked_lm_prob` x the *maskable* tokens (specials excluded) with stochastic rounding, so the expected share is
@@ -27,55 +28,8 @@ class MaskingConfig:
     random_prob: float = 0.1  # ... by a random token; the rest (0.1) are left unchanged
 
 
-class Masked(NamedTuple):
-    input_ids: np.ndarray  # [n] the row with replacements applied
-    positions: np.ndarray  # [m] sorted indices of the predicted tokens
-    labels: np.ndarray  # [m] the original ids at those positions
-
-
-def select_positions(tokens: np.ndarray, word_starts: np.ndarray, cfg: MaskingConfig,
-                     rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions to predict: a `masked_lm_prob` share of the maskable tokens (whole words if asked)."""
-    maskable = ~cfg.is_special[tokens]
-    candidates = np.flatnonzero(maskable)
-    expected = cfg.masked_lm_prob * len(candidates)
-    count = int(expected) + int(rng.random() < expected - int(expected))
-    count = min(count, cfg.max_predictions_per_seq, len(candidates))
-    if not cfg.whole_word:
-        return np.sort(rng.permutation(candidates)[:count])
-    # Words: a maskable token that starts a word, or follows a special token, opens a new word.
-    after_special = np.concatenate([[True], ~maskable[:-1]])
-    word_of = np.cumsum((word_starts.astype(bool) | after_special) & maskable)[candidates]
-    bounds = np.flatnonzero(np.diff(word_of, prepend=-1, append=-1))
-    starts, sizes = bounds[:-1], np.diff(bounds)
-    chosen, total = [], 0
-    for w in rng.permutation(len(starts)):  # google-research/bert: skip a word that would overshoot, go on
-        if total >= count:
-            break
-        if total + sizes[w] <= count:
-            chosen.append(candidates[starts[w]:starts[w] + sizes[w]])
-            total += sizes[w]
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-
-
-def mask_tokens(tokens: np.ndarray, word_starts: np.ndarray, cfg: MaskingConfig,
-                rng: np.random.Generator) -> Masked:
-    """Select positions, then replace each by [MASK] (80%), a random token (10%) or itself (10%)."""
-    positions = select_positions(tokens, word_starts, cfg, rng)
-    labels = tokens[positions]
-    u = rng.random(len(positions))
-    random_ids = cfg.replacement_ids[rng.integers(0, len(cfg.replacement_ids), len(positions))]
-    replaced = np.where(u < cfg.mask_prob, cfg.mask_id,
-                        np.where(u < cfg.mask_prob + cfg.random_prob, random_ids, labels))
-    input_ids = tokens.copy()
-    input_ids[positions] = replaced
-    return Masked(input_ids, positions.astype(np.int32), labels.astype(np.int32))
-
-
-# ----- batch masking ------------------------------------------------------------------------------------------
-# The loader masks whole batches at once. Its random numbers come from a counter-based generator: the draws of a
-# row are a pure function of (key, row id), so a row gets the same masks whichever process, thread or batch
-# computes it, and resuming needs no generator state.
+# Random numbers come from a counter-based generator: the draws of a row are a pure function of (key, row id), so
+# a row gets the same masks whichever process, thread or batch computes it, and resuming needs no generator state.
 _GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -84,6 +38,12 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))
+
+
+def derive_key(*parts: int) -> int:
+    """A 128-bit key from integers (seed, purpose, ...), for `uniform` and numpy generators."""
+    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)
+    return int(words[0]) | int(words[1]) << 64
 
 
 def uniform(key: int, rows: np.ndarray, width: int) -> np.ndarray:
@@ -118,35 +78,43 @@ def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: n
     """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`
     (google-research/bert), and going on with the words after it."""
     B, S = maskable.shape
-    after_special = np.concatenate([np.ones((B, 1), bool), ~maskable[:, :-1]], axis=1)
+    after_special = np.empty((B, S), bool)
+    after_special[:, 0] = True
+    after_special[:, 1:] = ~maskable[:, :-1]
     opens = maskable & (word_starts.astype(bool) | after_special)
     col = np.arange(S)
+    base = (np.arange(B) * S)[:, None]  # flat offset of each row: x.ravel()[base + i] is x[b, i]
     start_of = np.maximum.accumulate(np.where(opens, col, 0), axis=1)  # [B, S] the column opening each token's word
-    flat = (np.arange(B)[:, None] * S + start_of)[maskable]
-    sizes = np.bincount(flat, minlength=B * S).reshape(B, S)  # [B, S] word size at its opening column, else 0
-    order = np.argsort(np.where(opens, keys, np.float32(2.0)), axis=1)  # words in random order, then the rest (size 0)
-    ordered = np.take_along_axis(sizes, order, axis=1)
+    sizes = np.bincount((base + start_of)[maskable], minlength=B * S)  # flat: word size at its opening column
+    # words in the order of their keys, then the columns that open none: one sort of (key bits, column) values
+    shift = np.uint64(max(1, (S - 1).bit_length()))
+    bits = np.where(opens, (keys * np.float32(2**24)).astype(np.uint64), np.uint64(2**24))
+    order = (np.sort((bits << shift) | col.astype(np.uint64), axis=1) & ((np.uint64(1) << shift) - np.uint64(1)))
+    flat_order = base + order.astype(np.intp)
+    ordered = sizes[flat_order]  # [B, S] word sizes in key order (0 after the last word)
     cumulative = np.cumsum(ordered, axis=1)
     taken = (cumulative <= count[:, None]) & (ordered > 0)  # the words before the first that overshoots
     total = np.where(taken, cumulative, 0).max(axis=1, initial=0)
-    last = taken.sum(axis=1)  # index of the first overshooting word: later words may still fit
-    while True:
-        fits = (ordered > 0) & (ordered <= (count - total)[:, None]) & (col > last[:, None])
-        rows = np.flatnonzero(fits.any(axis=1))
-        if not len(rows):
-            break
-        first = np.argmax(fits[rows], axis=1)
-        taken[rows, first] = True
-        total[rows] += ordered[rows, first]
-        last[rows] = first
-    chosen_open = np.zeros((B, S), bool)
-    np.put_along_axis(chosen_open, order, taken, axis=1)
-    return maskable & np.take_along_axis(chosen_open, start_of, axis=1)
+    last = taken.sum(axis=1)  # index of the first overshooting word: later, smaller words may still fit
+    active = np.flatnonzero((total < count) & (last < S))
+    while len(active):
+        fits = (ordered[active] > 0) & (ordered[active] <= (count - total)[active, None]) & \
+            (col > last[active, None])
+        found = fits.any(axis=1)
+        active = active[found]
+        first = np.argmax(fits[found], axis=1)
+        taken[active, first] = True
+        total[active] += ordered[active, first]
+        last[active] = first
+        active = active[total[active] < count[active]]
+    chosen_open = np.zeros(B * S, bool)
+    chosen_open[flat_order[taken]] = True
+    return maskable & chosen_open[base + start_of]
 
 
 def mask_batch(tokens: np.ndarray, valid: np.ndarray, word_starts: np.ndarray | None, cfg: MaskingConfig,
                key: int, rows: np.ndarray) -> BatchMasked:
-    """`mask_tokens` over a padded batch [B, S] at once: a `masked_lm_prob` share of each row's maskable tokens
+    """Masks for a padded batch [B, S] at once: a `masked_lm_prob` share of each row's maskable tokens
     (stochastic rounding, at most `max_predictions_per_seq`), whole words if `cfg.whole_word`, then 80/10/10.
 
     `valid` [B, S] marks real tokens; `rows` [B] are the rows' ids for the counter-based generator."""

@@ -32,7 +32,7 @@ import numpy as np
 from flaxbert.data.corpus import DataError, expand, read_documents
 from flaxbert.data.instances import (Assembled, InstanceConfig, TokenizedCorpus, assemble, continuation_ids,
                                      document_spans, tokenize_sentences)
-from flaxbert.data.masking import MaskingConfig, mask_batch
+from flaxbert.data.masking import MaskingConfig, derive_key, mask_batch
 
 FORMAT_VERSION = 1
 SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
@@ -255,12 +255,6 @@ class _ShardWriter:
         return self.stats
 
 
-def _mask_key(seed: int, dupe: int) -> int:
-    """The 128-bit key of a dupe round's static masks (`masking.mask_batch`'s counter-based generator)."""
-    words = np.random.SeedSequence([seed, dupe]).generate_state(2, np.uint64)
-    return int(words[0]) | int(words[1]) << 64
-
-
 class _Masks(NamedTuple):
     positions: np.ndarray  # [predictions] every instance's masked positions, flat
     inputs: np.ndarray  # [predictions] the input ids there ([MASK], random or unchanged)
@@ -308,7 +302,7 @@ def _write_shard(args) -> dict:
 
     for dupe in range(manifest["dupe_factor"]):
         rows: list = []
-        key = _mask_key(seed, dupe)
+        key = derive_key(seed, 3, dupe)  # 3: static masks (the loader uses 1 for order, 2 for dynamic masks)
         for doc in range(doc_lo, doc_hi):
             document_spans(index, doc, icfg, random.Random(f"{seed}/{dupe}/{doc}"), rows)
             if len(rows) >= BLOCK_INSTANCES:
