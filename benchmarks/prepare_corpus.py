@@ -122,12 +122,14 @@ def build_corpus(out_path: str | os.PathLike, min_tokens: int, *, data_root: str
             "pool_documents": len(pool), "pool_tokens": sum(doc_tokens), "bytes": os.path.getsize(out_path)}
 
 
+# Peaks: VmHWM of this process (getrusage's maxrss would keep the launching process's peak across exec) and
+# getrusage of the children (the workers, forked from this process).
 _RUNNER = """
 import json, resource, sys
 from flaxbert.data import prepare
 m = prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=int(sys.argv[4]), progress=False, **json.loads(sys.argv[5]))
-print(json.dumps({"counts": m["counts"], "throughput": m["throughput"],
-                  "main_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"counts": m["counts"], "throughput": m["throughput"], "main_peak_rss_bytes": hwm * 1024,
                   "worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
