@@ -66,10 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loop.initialize_distributed(cfg.run)
     from flaxbert.data import DataError
     from flaxbert.train import pretraining
+    from flaxbert.vocab import VocabError
 
     try:
         cfg, task = pretraining.build_task(cfg)
-    except (rc.ConfigError, DataError) as e:
+    except (rc.ConfigError, DataError, VocabError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:

@@ -157,7 +157,8 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
-        if o.lr <= 0 or o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
+        if not (0 < o.lr < float("inf")) or o.warmup_steps < 0 or not (0 <= o.clip_norm < float("inf")) or \
+                not (0 <= o.weight_decay < float("inf")):  # written so that NaN fails too
             raise ConfigError(f"optim: lr must be > 0 and warmup_steps, clip_norm, weight_decay >= 0 "
                               f"(got lr={o.lr}, warmup_steps={o.warmup_steps}, clip_norm={o.clip_norm}, "
                               f"weight_decay={o.weight_decay})")

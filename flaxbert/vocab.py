@@ -110,8 +110,18 @@ def train_wordpiece(files: str | os.PathLike | Sequence[str | os.PathLike], voca
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS), limit_alphabet=limit_alphabet,
                                         continuing_subword_prefix="##", show_progress=show_progress)
-    texts = (text for spec in specs for text in iter_texts(spec, corpus_format, text_column=text_column))
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = {"texts": 0}
+
+    def texts():
+        for spec in specs:
+            for text in iter_texts(spec, corpus_format, text_column=text_column):
+                seen["texts"] += bool(text.strip())
+                yield text
+
+    tok.train_from_iterator(texts(), trainer=trainer)
+    if not seen["texts"] or tok.get_vocab_size() <= len(SPECIAL_TOKENS):  # checked before anything is written
+        raise VocabError(f"{', '.join(map(str, specs))}: the corpus holds no text to train a vocabulary on "
+                         f"({seen['texts']} non-empty texts read); nothing was written to {out_dir}")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

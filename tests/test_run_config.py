@@ -108,6 +108,7 @@ def _cli(*args, devices=1):
     (["--mesh.data=3"], 2, "mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 2 are available"),
     (["--run.global_batch_size=30", "--mesh.data=4"], 4, "not divisible by the data-parallel size"),
     (["--data.seq_len=256"], 1, "data.seq_len=256 is longer than model.max_position_embeddings=128"),
+    (["--optim.lr=nan"], 1, "optim: lr must be > 0"),
 ])
 def test_cli_reports_bad_config_without_a_traceback(tmp_path, args, devices, message):
     out = tmp_path / "run"
@@ -115,3 +116,12 @@ def test_cli_reports_bad_config_without_a_traceback(tmp_path, args, devices, mes
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "prepared").exists()
+
+
+def test_empty_corpus_is_one_clear_error_and_leaves_no_vocabulary(tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    out = tmp_path / "run"
+    proc = _cli(f"--run.output_dir={out}", f"--data.corpus={tmp_path / 'empty.txt'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{tmp_path / 'empty.txt'}: the corpus holds no text" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "vocab").exists() and not (out / "checkpoints").exists()

@@ -91,3 +91,12 @@ def test_cased_vocab_and_cli(tmp_path):
                          text=True, timeout=300)
     assert bad.returncode == 2 and "nope.txt: corpus file not found" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_empty_corpus_writes_no_vocabulary(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "flaxbert.vocab", "--corpus", str(tmp_path / "empty.txt"),
+                           "--vocab-size", "100", "--out", str(tmp_path / "v")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "empty.txt: the corpus holds no text to train a vocabulary on" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "v").exists()

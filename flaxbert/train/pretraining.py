@@ -71,6 +71,8 @@ def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[s
     if jax.process_index() == 0 and not os.path.exists(done):
         specs, fmt = _corpus(d)
         train_txt, eval_txt = split_documents(specs, fmt, d.eval_fraction, os.path.join(out, "prepared", "text"))
+        if not os.path.getsize(train_txt):  # name the user's corpus, not the split file made from it
+            raise data.DataError(f"{', '.join(specs)}: the corpus holds no text")
         tokenizer = d.vocab or os.path.join(out, "vocab")
         if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
             vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase, corpus_format="bert")
