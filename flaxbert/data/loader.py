@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxbert.data import packing
 from flaxbert.data.corpus import DataError
-from flaxbert.data.masking import derive_key, mask_batch
+from flaxbert.data.masking import derive_key, mask_batch, place
 from flaxbert.data.shards import SHARD_ARRAYS, load_manifest, masking_config
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
@@ -53,7 +53,8 @@ class PreparedData:
         self.seq_len = int(self.manifest["max_seq_length"])
         self.max_predictions = int(self.manifest["max_predictions_per_seq"])
         self.flat: list[dict[str, np.ndarray]] = []  # per shard, memory-mapped
-        columns = collections.defaultdict(list)
+        columns: dict[str, list] = {k: [] for k in ("offsets", "mask_offsets", "a_lengths", "is_random_next",
+                                                     "lengths", "num_masks", "shard")}
         token_base = mask_base = 0
         for shard in self.manifest["shards"]:
             arrays = self._open_shard(shard)
@@ -67,10 +68,9 @@ class PreparedData:
             columns["shard"].append(np.full(len(arrays["a_lengths"]), len(self.flat) - 1, np.int32))
             token_base += len(arrays["tokens"])
             mask_base += len(arrays["mask_positions"])
-        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in columns.items()}
-        self.offsets, self.mask_offsets = cat.get("offsets", np.zeros(0, np.int64)), cat.get("mask_offsets")
-        self.a_lengths, self.is_random_next = cat.get("a_lengths"), cat.get("is_random_next")
-        self.lengths, self.num_masks, self.shard = cat.get("lengths"), cat.get("num_masks"), cat.get("shard")
+        # [instances] each, over all shards
+        (self.offsets, self.mask_offsets, self.a_lengths, self.is_random_next, self.lengths, self.num_masks,
+         self.shard) = (np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in columns.values())
         self.token_base = np.cumsum([0] + [len(f["tokens"]) for f in self.flat])
         self.mask_base = np.cumsum([0] + [len(f["mask_positions"]) for f in self.flat])
 
@@ -100,12 +100,11 @@ class PreparedData:
             if arrays[key].shape != (end,):
                 raise DataError(f"{self.dir / name / (key + '.npy')}: {arrays[key].shape[0]} entries, "
                                 f"{offsets}.npy ends at {end}; the prepared directory is damaged")
-        arrays["offsets"], arrays["mask_offsets"] = np.asarray(arrays["offsets"]), np.asarray(arrays["mask_offsets"])
+        arrays.update({k: np.asarray(arrays[k]) for k in _PER_INSTANCE})  # small: read into memory
         lengths = np.diff(arrays["offsets"])
         if n and (lengths.min() < 3 or lengths.max() > self.seq_len):
             raise DataError(f"{self.dir / name / 'offsets.npy'}: instance lengths outside [3, {self.seq_len}]")
-        return {k: (np.asarray(v) if k in _PER_INSTANCE or k == "target_lengths" else v)
-                for k, v in arrays.items()}
+        return arrays
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -148,7 +147,7 @@ class BatchMaker:
         self.mask_key = derive_key(seed, 2)
 
     def __call__(self, slots: np.ndarray, stream_rows: np.ndarray) -> dict[str, np.ndarray]:
-        d, S, P = self.data, self.data.seq_len, self.data.max_predictions
+        d, S = self.data, self.data.seq_len
         B, K = slots.shape
         filled = slots >= 0
         inst = np.where(filled, slots, 0)
@@ -200,16 +199,7 @@ class BatchMaker:
         b, k, m, slot = b[keep], k[keep], m[keep], slot[keep]
         positions, values = d.gather(("mask_positions", "mask_inputs"), d.mask_offsets[inst[b, k]] + m,
                                      np.ones(len(b), bool), d.shard[inst[b, k]])
-        positions = positions.astype(np.int64) + starts[b, k]
-        out_positions = np.zeros((B, P), np.int32)
-        out_positions[b, slot] = positions
-        weights = np.zeros((B, P), np.float32)
-        weights[b, slot] = 1.0
-        labels = np.zeros((B, P), np.int32)
-        labels[b, slot] = tokens[b, positions]
-        input_ids = tokens.copy()
-        input_ids[b, positions] = values
-        return input_ids, out_positions, labels, weights
+        return place(tokens, b, slot, positions.astype(np.int64) + starts[b, k], values, P)
 
 
 class Order:

@@ -73,6 +73,21 @@ def compact(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return rows[keep], cols[keep], slots[keep]
 
 
+def place(tokens: np.ndarray, rows: np.ndarray, slots: np.ndarray, positions: np.ndarray, inputs: np.ndarray,
+          width: int) -> BatchMasked:
+    """Predictions given one entry each (row, slot in the row's `width` prediction slots, position in the row,
+    the input id written there) -> the batch arrays; labels are the tokens the inputs replace."""
+    out_positions = np.zeros((len(tokens), width), np.int32)
+    out_positions[rows, slots] = positions
+    weights = np.zeros((len(tokens), width), np.float32)
+    weights[rows, slots] = 1.0
+    labels = np.zeros((len(tokens), width), np.int32)
+    labels[rows, slots] = tokens[rows, positions]
+    input_ids = tokens.copy()
+    input_ids[rows, positions] = inputs
+    return BatchMasked(input_ids, out_positions, labels, weights)
+
+
 def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: np.ndarray,
                           count: np.ndarray) -> np.ndarray:
     """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`
@@ -135,16 +150,9 @@ def mask_batch(tokens: np.ndarray, valid: np.ndarray, word_starts: np.ndarray | 
         threshold = np.take_along_axis(smallest, np.maximum(count - 1, 0)[:, None], axis=1)
         selected = (keys <= threshold) & (count > 0)[:, None]
     b, c, slot = compact(selected, P)
-    positions = np.zeros((B, P), np.int32)
-    positions[b, slot] = c
-    weights = np.zeros((B, P), np.float32)
-    weights[b, slot] = 1.0
-    labels = np.zeros((B, P), np.int32)
-    labels[b, slot] = tokens[b, c]
-    random_ids = cfg.replacement_ids[np.minimum((u_id * len(cfg.replacement_ids)).astype(np.int64),
+    kind, labels = u_kind[b, slot], tokens[b, c]
+    random_ids = cfg.replacement_ids[np.minimum((u_id[b, slot] * len(cfg.replacement_ids)).astype(np.int64),
                                                 len(cfg.replacement_ids) - 1)]
-    replaced = np.where(u_kind < cfg.mask_prob, cfg.mask_id,
-                        np.where(u_kind < cfg.mask_prob + cfg.random_prob, random_ids, labels))
-    input_ids = tokens.copy()
-    input_ids[b, c] = replaced[b, slot]
-    return BatchMasked(input_ids, positions, labels, weights)
+    replaced = np.where(kind < cfg.mask_prob, cfg.mask_id,
+                        np.where(kind < cfg.mask_prob + cfg.random_prob, random_ids, labels))
+    return place(tokens, b, slot, c, replaced, P)
