@@ -8,6 +8,7 @@ Rerunning the same command resumes from the latest good checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from flaxbert import run_config as rc
 
+    # transformers (used here for tokenizers only) advises at import that it found no PyTorch: not for this run
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -41,6 +41,7 @@ class DataConfig:
     whole_word_masking: bool = False
     masking: str = "dynamic"  # static (masks written by prepare) | dynamic (new masks every epoch)
     packed: bool = False  # pack several instances per row
+    nsp: bool = True  # next-sentence prediction (sentence pairs); False: MLM only on single-segment rows
     lowercase: bool = True  # for a vocabulary trained on the spot
     seed: int = 12345  # data order and masking; independent of run.seed
 
@@ -53,6 +54,7 @@ class OptimConfig:
     lr: float = 2e-3
     end_lr: float = 0.0
     warmup_steps: int = 60
+    warmup_fraction: float = 0.0  # runs on a time budget: > 0 warms up over this share of the budget instead
     decay: str = "linear"  # linear | polynomial | constant
     power: float = 1.0  # polynomial decay power (1.0 == linear)
     b1: float = 0.9
@@ -108,7 +110,8 @@ class RunSettings:
     """The loop: how long, how big, where to, how often to log and evaluate."""
 
     output_dir: str = "runs/tiny"
-    steps: int = 600
+    steps: int = 600  # optimizer steps; with budget_minutes, the most steps the budget may take
+    budget_minutes: float = 0.0  # > 0: train for this much wall time; the LR decays on elapsed time, not steps
     global_batch_size: int = 32  # sequences per optimizer step, over all hosts and microbatches
     grad_accum: int = 1  # microbatches per step
     seed: int = 0  # parameter init and dropout
@@ -154,6 +157,13 @@ class RunConfig:
                     "data.dupe_factor": d.dupe_factor}
         if r.prefetch < 0:
             raise ConfigError(f"run.prefetch must be >= 0, got {r.prefetch}")
+        if not 0 <= r.budget_minutes < float("inf"):  # written so that NaN fails too
+            raise ConfigError(f"run.budget_minutes must be >= 0 (0: no budget), got {r.budget_minutes}")
+        if not 0 <= o.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}")
+        if o.warmup_fraction and not r.budget_minutes:
+            raise ConfigError("optim.warmup_fraction is a share of run.budget_minutes, which is not set; "
+                              "use optim.warmup_steps for a run of run.steps")
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")

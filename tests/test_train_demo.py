@@ -70,3 +70,20 @@ def test_the_default_command(installed, tmp_path):
     assert "mlm_acc" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
     print(f"wall {seconds:.0f}s; final {last}")
     assert seconds < 300
+
+
+def test_two_fresh_demo_runs_give_bitwise_equal_losses(tmp_path):
+    """The demo's vocabulary ships with the package (training one is not repeatable between processes), so two
+    fresh runs of the README's command log the same losses, bit for bit."""
+    losses = []
+    for i in range(2):
+        cwd = tmp_path / f"fresh{i}"
+        cwd.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "flaxbert.pretrain", "--run.steps=20", "--run.log_every=1",
+                               "--run.eval_every=0", "--run.progress=false"], cwd=cwd,
+                              env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        train = latest_by_step(read_jsonl(str(cwd / "runs" / "tiny" / "metrics.jsonl")))
+        losses.append([train[s]["loss"] for s in range(1, 21)])
+    assert losses[0] == losses[1]
+    assert losses[0][-1] < losses[0][0]

@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--short-seq-prob", type=float, default=0.1)
     p.add_argument("--dupe-factor", type=int, default=1, help="instance/mask rounds over the corpus (BERT: 10)")
     p.add_argument("--whole-word-masking", action="store_true")
+    p.add_argument("--no-nsp", action="store_true", help="single-segment instances for MLM-only pretraining")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--num-shards", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores for large corpora)")
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
                            text_column=args.text_column, max_seq_length=args.max_seq_length,
                            max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
                            short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
-                           whole_word_masking=args.whole_word_masking, seed=args.seed, num_shards=args.num_shards,
+                           whole_word_masking=args.whole_word_masking, seed=args.seed, nsp=not args.no_nsp,
+                           num_shards=args.num_shards,
                            workers=args.workers, model_vocab_size=args.model_vocab_size, overwrite=args.overwrite)
     except (DataError, VocabError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Tokenised corpora and NSP sentence-pair instances, following google-research/bert's create_pretraining_data.
 
-An instance is `[CLS] A [SEP] B [SEP]`. Changes from the original, each for a measured reason:
+An instance is `[CLS] A [SEP] B [SEP]`, or with `nsp=False` (MLM only, as RoBERTa and Cramming train)
+`[CLS] A [SEP]` where A is a contiguous run of a document's tokens that crosses sentence boundaries. Changes from the original, each for a measured reason:
 - the short target length (`short_seq_prob`) is drawn per instance, not once per document, so the share of
   short-target instances is `short_seq_prob` whatever the document lengths, and it is a hard limit: A + B are
   truncated to it. (The original only truncates to max_seq_length - 3; whole sentences overshoot a small
@@ -93,6 +94,7 @@ class InstanceConfig:
     max_seq_length: int = 128
     short_seq_prob: float = 0.1
     random_next_prob: float = 0.5
+    nsp: bool = True  # sentence pairs with a random-next label; False: single segments for MLM only
 
 
 class Instance(NamedTuple):
@@ -147,6 +149,9 @@ def document_spans(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, rng: 
                    out: list) -> None:
     """Append a span row (SPAN_FIELDS) to `out` for every instance whose A segment comes from document `doc`
     (one pass, as one dupe_factor round)."""
+    if not cfg.nsp:
+        _single_segment_spans(corpus, doc, cfg, rng, out)
+        return
     max_tokens = cfg.max_seq_length - 3
     first, last = int(corpus.doc_offsets[doc]), int(corpus.doc_offsets[doc + 1])
     off = corpus.sentence_offsets[first:last + 1].tolist()  # Python ints: indexed per sentence below
@@ -175,16 +180,31 @@ def document_spans(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, rng: 
         i += 1
 
 
+def _single_segment_spans(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, rng: random.Random,
+                          out: list) -> None:
+    """MLM-only rows: the document's tokens cut into consecutive runs of the length target (max_seq_length - 2,
+    or with `short_seq_prob` a random one), whatever the sentence boundaries; B is empty."""
+    max_tokens = cfg.max_seq_length - 2
+    begin = int(corpus.sentence_offsets[int(corpus.doc_offsets[doc])])
+    end = int(corpus.sentence_offsets[int(corpus.doc_offsets[doc + 1])])
+    while begin < end:
+        target = rng.randint(2, max_tokens) if rng.random() < cfg.short_seq_prob else max_tokens
+        length = min(target, end - begin)
+        out.append((begin, length, begin + length, 0, False, target))
+        begin += length
+
+
 class Assembled(NamedTuple):
     tokens: np.ndarray  # [sum of lengths] every instance's [CLS] A [SEP] B [SEP], flat
     word_starts: np.ndarray  # [sum of lengths] uint8
     offsets: np.ndarray  # [num_instances + 1] int64
 
 
-def assemble(corpus: TokenizedCorpus, spans: np.ndarray, cls_id: int, sep_id: int) -> Assembled:
-    """The tokens of many instances at once from their span rows [N, len(SPAN_FIELDS)]: one gather."""
+def assemble(corpus: TokenizedCorpus, spans: np.ndarray, cls_id: int, sep_id: int, pair: bool = True) -> Assembled:
+    """The tokens of many instances at once from their span rows [N, len(SPAN_FIELDS)]: one gather.
+    `pair=False`: single segments `[CLS] A [SEP]` (B is empty)."""
     a_start, a_len, b_start, b_len = (spans[:, k].astype(np.int64) for k in range(4))
-    lengths = a_len + b_len + 3
+    lengths = a_len + b_len + (3 if pair else 2)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     pos = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)  # position in the instance
     a_len_t, b_end_t = np.repeat(a_len, lengths), np.repeat(a_len + b_len + 2, lengths)
@@ -210,6 +230,6 @@ def document_instances(corpus: TokenizedCorpus, doc: int, cfg: InstanceConfig, r
     if not rows:
         return []
     spans = np.array(rows, np.int64)
-    built = assemble(corpus, spans, cls_id, sep_id)
+    built = assemble(corpus, spans, cls_id, sep_id, pair=cfg.nsp)
     return [Instance(built.tokens[a:b], built.word_starts[a:b], int(row[1]), bool(row[4]), int(row[5]))
             for a, b, row in zip(built.offsets[:-1], built.offsets[1:], spans)]

@@ -93,38 +93,55 @@ def _whole_word_selection(maskable: np.ndarray, word_starts: np.ndarray, keys: n
     """[B, S] bool: whole words taken in random order, skipping a word that would overshoot `count`
     (google-research/bert), and going on with the words after it."""
     B, S = maskable.shape
-    after_special = np.empty((B, S), bool)
-    after_special[:, 0] = True
-    after_special[:, 1:] = ~maskable[:, :-1]
-    opens = maskable & (word_starts.astype(bool) | after_special)
-    col = np.arange(S)
-    base = (np.arange(B) * S)[:, None]  # flat offset of each row: x.ravel()[base + i] is x[b, i]
-    start_of = np.maximum.accumulate(np.where(opens, col, 0), axis=1)  # [B, S] the column opening each token's word
-    sizes = np.bincount((base + start_of)[maskable], minlength=B * S)  # flat: word size at its opening column
-    # words in the order of their keys, then the columns that open none: one sort of (key bits, column) values
-    shift = np.uint64(max(1, (S - 1).bit_length()))
-    bits = np.where(opens, (keys * np.float32(2**24)).astype(np.uint64), np.uint64(2**24))
-    order = (np.sort((bits << shift) | col.astype(np.uint64), axis=1) & ((np.uint64(1) << shift) - np.uint64(1)))
-    flat_order = base + order.astype(np.intp)
-    ordered = sizes[flat_order]  # [B, S] word sizes in key order (0 after the last word)
-    cumulative = np.cumsum(ordered, axis=1)
-    taken = (cumulative <= count[:, None]) & (ordered > 0)  # the words before the first that overshoots
-    total = np.where(taken, cumulative, 0).max(axis=1, initial=0)
+    opens = maskable & word_starts.astype(bool)  # a word opens at a word start or after a special / padding
+    opens[:, 0] = maskable[:, 0]
+    opens[:, 1:] |= maskable[:, 1:] & ~maskable[:, :-1]
+    # every token's word opener as a flat index; a row's first maskable token always opens a word, so a running
+    # maximum over the flattened batch never carries an opener into the next row's maskable tokens
+    index_type = np.int32 if B * S < 2**31 else np.int64
+    flat_start = np.maximum.accumulate(np.arange(B * S, dtype=index_type) * opens.ravel())
+    sizes = np.bincount(flat_start[maskable.ravel()], minlength=B * S)  # word size at its opener's flat index
+    # openers in the order of their keys (24-bit integers), then the other columns: one sort of packed
+    # (non-opener bit, key, column) words per row
+    shift = max(1, (S - 1).bit_length())
+    word = np.uint32 if 25 + shift <= 32 else np.uint64
+    packed = (keys * np.float32(2**24)).astype(word)
+    packed |= (~opens).astype(word) << word(24)
+    packed <<= word(shift)
+    packed |= np.arange(S, dtype=word)
+    packed.sort(axis=1)
+    order = (packed & word((1 << shift) - 1)).astype(np.intp)
+    order += (np.arange(B) * S)[:, None]  # flat openers in key order
+    chosen = np.zeros(B * S, bool)
+    first_words = int(count.max(initial=0))  # no row takes more words than its count
+    if first_words == 0:
+        return chosen.reshape(B, S)
+    head = order[:, :first_words]
+    cumulative = np.cumsum(sizes[head], axis=1)
+    taken = (cumulative <= count[:, None]) & (sizes[head] > 0)  # the words before the first that overshoots
+    chosen[head[taken]] = True
     last = taken.sum(axis=1)  # index of the first overshooting word: later, smaller words may still fit
-    active = np.flatnonzero((total < count) & (last < S))
-    while len(active):
-        fits = (ordered[active] > 0) & (ordered[active] <= (count - total)[active, None]) & \
-            (col > last[active, None])
+    total = np.where(last > 0, cumulative[np.arange(B), np.maximum(last - 1, 0)], 0)
+    short = np.flatnonzero(total < count)
+    if len(short):
+        _catch_up(chosen, order[short], sizes[order[short]], (count - total)[short], last[short])
+    return maskable & chosen[flat_start].reshape(B, S)
+
+
+def _catch_up(chosen: np.ndarray, order: np.ndarray, sizes: np.ndarray, left: np.ndarray, last: np.ndarray) -> None:
+    """For rows still `left` tokens short after their first overshooting word (column `last` of `order`): take,
+    in key order, each later word that still fits, marking its opener in `chosen`."""
+    col = np.arange(order.shape[1])
+    rows = np.arange(len(order))
+    while len(rows):
+        fits = (sizes[rows] > 0) & (sizes[rows] <= left[rows, None]) & (col > last[rows, None])
         found = fits.any(axis=1)
-        active = active[found]
+        rows = rows[found]
         first = np.argmax(fits[found], axis=1)
-        taken[active, first] = True
-        total[active] += ordered[active, first]
-        last[active] = first
-        active = active[total[active] < count[active]]
-    chosen_open = np.zeros(B * S, bool)
-    chosen_open[flat_order[taken]] = True
-    return maskable & chosen_open[base + start_of]
+        chosen[order[rows, first]] = True
+        left[rows] -= sizes[rows, first]
+        last[rows] = first
+        rows = rows[left[rows] > 0]
 
 
 def mask_batch(tokens: np.ndarray, valid: np.ndarray, word_starts: np.ndarray | None, cfg: MaskingConfig,

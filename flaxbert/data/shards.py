@@ -227,7 +227,7 @@ class _ShardWriter:
                   "a_lengths": np.int32, "is_random_next": np.uint8, "target_lengths": np.int32,
                   "mask_offsets": np.int64, "mask_positions": np.int32, "mask_inputs": manifest["token_dtype"]}
         self.files = {name: NpyAppender(directory / f"{name}.npy", dtypes[name]) for name in SHARD_ARRAYS}
-        self.short = manifest["max_seq_length"] - 3
+        self.short = manifest["max_seq_length"] - (3 if manifest.get("nsp", True) else 2)  # the full target
         self.stats = dict.fromkeys(("instances", "tokens", "predictions", "random_next", "short_target"), 0)
 
     def append(self, spans: np.ndarray, built: Assembled, masks: "_Masks") -> None:
@@ -287,7 +287,7 @@ def _write_shard(args) -> dict:
                             np.load(tokenized / "doc_offsets.npy"))  # the tokens are read per block
     reader = _SpanReader(tokenized, manifest["token_dtype"])
     mcfg = masking_config(manifest, np.load(Path(out_dir) / "replacement_ids.npy"))
-    icfg = InstanceConfig(manifest["max_seq_length"], manifest["short_seq_prob"])
+    icfg = InstanceConfig(manifest["max_seq_length"], manifest["short_seq_prob"], nsp=manifest.get("nsp", True))
     cls_id, sep_id, seed = manifest["cls_id"], manifest["sep_id"], manifest["seed"]
     name = f"shard-{shard:05d}"
     writer = _ShardWriter(Path(out_dir) / name, manifest)
@@ -297,7 +297,7 @@ def _write_shard(args) -> dict:
             return
         spans = np.array(rows, np.int64)
         rows.clear()
-        built = assemble(*_read_block(reader, spans), cls_id, sep_id)
+        built = assemble(*_read_block(reader, spans), cls_id, sep_id, pair=icfg.nsp)
         writer.append(spans, built, _static_masks(built, spans, mcfg, manifest["max_seq_length"], key))
 
     for dupe in range(manifest["dupe_factor"]):
@@ -332,14 +332,15 @@ def _corpus_bytes(specs: Sequence[str]) -> float:
 def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike, *,
             corpus_format: str | None = None, text_column: str = "text", max_seq_length: int = 128,
             max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15, short_seq_prob: float = 0.1,
-            dupe_factor: int = 1, whole_word_masking: bool = False, seed: int = 12345,
+            dupe_factor: int = 1, whole_word_masking: bool = False, seed: int = 12345, nsp: bool = True,
             num_shards: int | None = None, workers: int | None = None, model_vocab_size: int | None = None,
             overwrite: bool = False, progress: bool = True) -> dict:
     """Prepare `corpus` for pretraining into `out_dir` and return the manifest (also written as manifest.json).
 
     `tokenizer` is a tokenizer directory or a loaded fast HF tokenizer. `workers=None` uses every core for
     corpora over ~4 MB (one process below that, where starting workers costs more than it saves).
-    `model_vocab_size`, when given, must hold the tokenizer's vocabulary.
+    `model_vocab_size`, when given, must hold the tokenizer's vocabulary. `nsp=False` writes single-segment
+    instances for MLM-only pretraining (no random-next pairs).
     """
     from flaxbert.vocab import load_tokenizer, tokenizer_fingerprint
 
@@ -366,7 +367,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         "pad_id": tokenizer.pad_token_id, "special_ids": sorted(set(tokenizer.all_special_ids)),
         "max_seq_length": max_seq_length, "max_predictions_per_seq": max_predictions_per_seq,
         "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
-        "whole_word_masking": whole_word_masking, "seed": seed,
+        "whole_word_masking": whole_word_masking, "seed": seed, "nsp": bool(nsp),
     }
     out = Path(out_dir)
     partial = _partial_output_dir(out, overwrite)
@@ -402,7 +403,7 @@ def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_sh
         read = _ReadStats()
         chunks = _chunks(documents, read)
         tc = _tokenize(chunks, out / "_tokenized", manifest["token_dtype"], pool, 2 * workers, progress)
-        _check_documents(read, tc, ", ".join(manifest["corpus"]), manifest["corpus_format"])
+        _check_documents(read, tc, ", ".join(manifest["corpus"]), manifest["corpus_format"], manifest["nsp"])
         phases["tokenize_s"] = time.perf_counter() - start - sum(phases.values())
         # 2. instances + static masks, one task per shard of contiguous documents with ~equal token counts
         corpus_tokens = int(tc.sentence_offsets[-1])
@@ -440,10 +441,12 @@ def _write(documents, tokenizer, out: Path, manifest: dict, workers: int, num_sh
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _check_documents(read: _ReadStats, tc: TokenizedCorpus, where: str, corpus_format) -> None:
+def _check_documents(read: _ReadStats, tc: TokenizedCorpus, where: str, corpus_format, nsp: bool = True) -> None:
     """The corpus checks, on what was read (and tokenised): NSP needs two documents and a two-sentence one."""
-    if not read.documents:
+    if not read.documents or not tc.num_docs:
         raise DataError(f"{where}: the corpus holds no text")
+    if not nsp:  # single segments: any text will do
+        return
     if read.max_sentences < 2:
         raise DataError(f"{where}: no document has two or more sentences, so next-sentence pairs cannot be built "
                         f"(format {corpus_format or 'guessed from the name'}: check --format; 'bert' wants one "

@@ -45,6 +45,7 @@ class Result:
     reason: str  # finished | preempted | nonfinite
     last_metrics: dict
     message: str = ""
+    train_seconds: float = 0.0  # training wall time, resumed runs included, evaluation and snapshots excluded
 
 
 def initialize_distributed(run: rc.RunSettings) -> None:
@@ -101,12 +102,12 @@ class _Engine:
         if r.step_impl == "pmap":
             self.n = jax.local_device_count()
             self.fn = st.make_pmap_step(task.loss_fn, optimizer, grad_accum=r.grad_accum, schedule=schedule,
-                                        nan_policy=r.nan_policy)
+                                        nan_policy=r.nan_policy, host_lr=r.budget_minutes > 0)
             self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(task.loss_fn, p, b), st.PMAP_AXIS),
                                     axis_name=st.PMAP_AXIS)
         else:
             self.fn = st.make_sharded_step(task.loss_fn, optimizer, mesh, shardings, grad_accum=r.grad_accum,
-                                           schedule=schedule, nan_policy=r.nan_policy)
+                                           schedule=schedule, nan_policy=r.nan_policy, host_lr=r.budget_minutes > 0)
             self.eval_fn = jax.jit(lambda p, b: st.eval_stats(task.loss_fn, p, b),
                                    in_shardings=(shardings.params, shd.batch_sharding(mesh)),
                                    out_shardings=shd.replicated(mesh))
@@ -131,11 +132,24 @@ class _Engine:
             return {k: jax.device_put_sharded(list(v), devices) for k, v in shd.to_pmap(batch, self.n).items()}
         return shd.to_global(batch, self.mesh)
 
-    def step(self, state, device_batch):
-        state, m = self.fn(state, device_batch)
-        if self.cfg.run.step_impl == "pmap":
+    def step(self, state, device_batch, lr: Optional[float] = None):
+        """One step; `lr` is the rate of a wall-clock schedule (None: the optimizer's own schedule)."""
+        pmap = self.cfg.run.step_impl == "pmap"
+        if lr is None:
+            state, m = self.fn(state, device_batch)
+        elif pmap:
+            state, m = self.fn(state, device_batch, np.full(self.n, lr, np.float32))
+        else:
+            state, m = self.fn(state, device_batch, jax.device_put(np.float32(lr), shd.replicated(self.mesh)))
+        if pmap:
             return state, jax.tree.map(lambda x: x[0], m)
         return state, m
+
+    def host_params(self, state):
+        """The parameters as host numpy arrays (every process gets all of them)."""
+        if self.cfg.run.step_impl == "pmap":
+            return st.unreplicate(state.params)
+        return jax.tree.map(lambda x: np.asarray(x), multihost_utils.process_allgather(state.params, tiled=True))
 
     def evaluate(self, state, batches: Iterable[dict], limit: int) -> dict:
         total = None
@@ -181,13 +195,50 @@ class DevicePrefetch:
         return self._queue[0][0] if self._queue else self._batches.get_state()
 
 
-def train(cfg: rc.RunConfig, task: Task) -> Result:
+class Snapshots:
+    """A hook for taking the parameters out during training (e.g. to evaluate them elsewhere): `due` is asked
+    after every step; when it says yes, and after the last step, `take` gets the host parameters. The training
+    clock is stopped meanwhile. Subclass it; this base takes none."""
+
+    def due(self, step: int, train_seconds: float) -> bool:
+        return False
+
+    def take(self, step: int, train_seconds: float, params) -> None:
+        pass
+
+
+class _Clock:
+    """Training wall time: from the loop's start (compilation included) plus what a resumed run had spent,
+    without the time spent in evaluation and snapshots."""
+
+    def __init__(self, spent: float = 0.0):
+        self._start, self._paused = time.perf_counter() - spent, 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._start - self._paused
+
+    def pause(self):
+        clock = self
+
+        class _Pause:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock._paused += time.perf_counter() - self.t
+        return _Pause()
+
+
+def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) -> Result:
+    """Train `task` under `cfg`: resume, step, log, evaluate, checkpoint. With `run.budget_minutes` the run
+    stops when that much training time is spent (or at `run.steps`) and the learning rate follows the time."""
     r, c = cfg.run, cfg.checkpoint
     resolved_mesh = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())
     mesh = shd.make_mesh(*resolved_mesh)
     is_main = jax.process_index() == 0
+    budget_s = r.budget_minutes * 60.0
     schedule = optim.schedule(cfg.optim, r.steps)
-    optimizer = optim.make_optimizer(cfg.optim, r.steps)
+    optimizer = optim.make_optimizer(cfg.optim, r.steps, budget=budget_s > 0)
 
     abstract = st.abstract_state(task.init_params, optimizer, r.seed)
     param_sh = shd.param_shardings(task.logical_axes, abstract.params, mesh)
@@ -198,9 +249,11 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
     if c.resume:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         restored = checkpointer.restore_latest(target)
+    spent = 0.0
     if restored is not None:
-        state, data_state, _ = restored
+        state, data_state, meta = restored
         task.train_batches.set_state(data_state)
+        spent = float(meta.get("train_seconds", 0.0))
         log.info("resumed from step %d", int(state.step))
     else:
         state, _ = st.init_sharded_state(task.init_params, task.logical_axes, optimizer, mesh, r.seed,
@@ -217,7 +270,7 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
     if is_main and r.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=r.steps, initial=start, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=None if budget_s else r.steps, initial=start, desc="train", dynamic_ncols=True)
 
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
     last: dict = {}
@@ -262,23 +315,39 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
 
     batches = DevicePrefetch(task.train_batches, engine.put, r.prefetch)
 
-    def save(step_now: int) -> None:
-        checkpointer.save(step_now, engine.to_global(state), batches.get_state())
+    clock = _Clock(spent)
 
+    def save(step_now: int) -> None:
+        checkpointer.save(step_now, engine.to_global(state), batches.get_state(),
+                          extra={"train_seconds": clock.seconds()})
+
+    def snapshot(step_now: int) -> None:
+        with clock.pause():
+            snapshots.take(step_now, clock.seconds(), engine.host_params(state))
+
+    timed = budget_s > 0 or snapshots is not None  # keep one step in flight, so that the clock is the device's
     reason, message = "finished", ""
     with _StopFlag() as stop:
-        step_now = start
-        while step_now < r.steps:
+        step_now, in_flight, stopped_at = start, None, clock.seconds()
+        done = step_now >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+        while not done:
+            lr = optim.budget_lr(cfg.optim, step_now, clock.seconds() / budget_s) if budget_s else None
             batch = next(batches)
-            state, m = engine.step(state, batch)  # dispatched; the device works while the host goes on
+            state, m = engine.step(state, batch, lr)  # dispatched; the device works while the host goes on
             batches.fill()
             step_now += 1
             pending.append((step_now, m))
             timer["steps"] += 1
+            if timed:
+                jax.block_until_ready(in_flight if in_flight is not None else m)
+                in_flight = m
+            done = step_now >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+            if done:
+                stopped_at = clock.seconds()  # before the final checkpoint and evaluation
             if bar is not None:
                 bar.update(1)
-            at_log = step_now % r.log_every == 0 or step_now == r.steps or not timer["compiled"]
-            at_save = step_now % c.every == 0 or step_now == r.steps
+            at_log = step_now % r.log_every == 0 or done or not timer["compiled"]
+            at_save = step_now % c.every == 0 or done
             preempt = stop.signal is not None if jax.process_count() == 1 else (at_log and stop.any_process())
             if at_log or at_save or preempt:
                 if not timer["compiled"]:
@@ -297,12 +366,16 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
                 break
             if at_save:
                 save(step_now)
-            if task.eval_batches is not None and r.eval_every and (step_now % r.eval_every == 0 or step_now == r.steps):
-                ev = engine.evaluate(state, task.eval_batches(), r.eval_batches)
+            if task.eval_batches is not None and r.eval_every and (step_now % r.eval_every == 0 or done):
+                with clock.pause():
+                    ev = engine.evaluate(state, task.eval_batches(), r.eval_batches)
                 if ev:
                     writer.write(step_now, ev, split="eval")
                     last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
                 timer["t"] = time.perf_counter()  # keep eval time out of the throughput
+            if snapshots is not None and (done or snapshots.due(step_now, clock.seconds())):
+                snapshot(step_now)
+                timer["t"] = time.perf_counter()
     if bar is not None:
         bar.close()
     checkpointer.close()
@@ -311,4 +384,8 @@ def train(cfg: rc.RunConfig, task: Task) -> Result:
         mx.plot(writer.path, os.path.join(r.output_dir, "metrics.png"))
     if message:
         (log.error if reason == "nonfinite" else log.warning)(message)
-    return Result(step=step_now, reason=reason, last_metrics=last, message=message)
+    if budget_s and reason == "finished":
+        message = (f"budget of {r.budget_minutes:g} min spent: {step_now} steps in {stopped_at:.1f} s of training "
+                   f"({clock.seconds():.1f} s with the final checkpoint)")
+        log.info(message)
+    return Result(step=step_now, reason=reason, last_metrics=last, message=message, train_seconds=clock.seconds())

@@ -22,6 +22,22 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+def budget_lr(cfg: OptimConfig, step: int, progress: float) -> float:
+    """The learning rate of a run on a wall-clock budget (Izsak et al. 2021; Geiping and Goldstein 2022), where
+    `progress` is the share of the budget spent (0..1): warmup over `warmup_fraction` of the budget (or, when that
+    is 0, over the first `warmup_steps` steps), then the decay from `lr` to `end_lr` over the rest of the time."""
+    p = min(max(progress, 0.0), 1.0)
+    w = cfg.warmup_fraction
+    if w > 0:
+        warm, left = min(1.0, p / w), min(1.0, (1.0 - p) / (1.0 - w))
+    else:
+        warm, left = (1.0 if cfg.warmup_steps <= 0 else min(1.0, step / cfg.warmup_steps)), 1.0 - p
+    if cfg.decay == "constant":
+        return warm * cfg.lr
+    power = 1.0 if cfg.decay == "linear" else cfg.power
+    return warm * (cfg.end_lr + (cfg.lr - cfg.end_lr) * left ** power)
+
+
 def _leaf_name(path) -> str:
     last = path[-1]
     return str(getattr(last, "key", getattr(last, "name", last)))
@@ -40,9 +56,12 @@ def trainable_labels(params, freeze_encoder: bool):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip -> AdamW/LAMB with the schedule. State is float32 (parameters are float32 master weights)."""
-    lr = schedule(cfg, total_steps)
+def make_optimizer(cfg: OptimConfig, total_steps: int, budget: bool = False) -> optax.GradientTransformation:
+    """clip -> AdamW/LAMB with the schedule. State is float32 (parameters are float32 master weights).
+
+    `budget=True`: the learning rate is 1 and the step scales the updates by the rate it is given (`budget_lr`);
+    both optimizers apply the rate last, so this equals running them with that rate."""
+    lr = 1.0 if budget else schedule(cfg, total_steps)
     if cfg.name == "adamw":
         core = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from importlib import resources
 from typing import Optional
 
@@ -19,11 +20,14 @@ from flaxbert.train.loop import Task
 from flaxbert.train.step import LossOutput
 
 
-def make_loss_fn(config: BertConfig):
-    """loss = mean MLM cross-entropy + mean NSP cross-entropy (google-research/bert), with accuracies."""
+def make_loss_fn(config: BertConfig, nsp: bool = True):
+    """loss = mean MLM cross-entropy + mean NSP cross-entropy (google-research/bert), with accuracies;
+    `nsp=False`: the MLM term only (the NSP classifier is still computed but gets no gradient)."""
     def loss_fn(params, batch, dropout_rng):
         out = heads.apply_head(params, batch, config, head="pretraining", dropout_rng=dropout_rng)
         losses = pretraining_losses(out, batch)
+        if not nsp:
+            losses = {"mlm": losses["mlm"]}
         return LossOutput(terms={k: (t.loss_sum, t.weight) for k, t in losses.items()},
                           metrics={f"{k}_accuracy": (t.correct, t.weight) for k, t in losses.items()})
     return loss_fn
@@ -32,6 +36,14 @@ def make_loss_fn(config: BertConfig):
 def packaged_corpus() -> str:
     """Marcus Aurelius, *Meditations* (public domain), one paragraph per line: the demo corpus."""
     return str(resources.files("flaxbert") / "resources" / "meditations.txt")
+
+
+def packaged_vocab(vocab_size: int, lowercase: bool) -> Optional[str]:
+    """The WordPiece vocabulary of `vocab_size` tokens trained once on the packaged corpus's training split
+    (WordPiece training breaks ties in hash order, so a vocabulary trained on the spot differs between
+    processes), or None when none of that size ships."""
+    path = resources.files("flaxbert") / "resources" / f"meditations-vocab-{vocab_size}.txt"
+    return str(path) if lowercase and path.is_file() else None
 
 
 def _corpus(d: rc.DataConfig) -> tuple[list[str], Optional[str]]:
@@ -75,10 +87,17 @@ def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[s
             raise data.DataError(f"{', '.join(specs)}: the corpus holds no text")
         tokenizer = d.vocab or os.path.join(out, "vocab")
         if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
-            vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase, corpus_format="bert")
+            shipped = packaged_vocab(model.vocab_size, d.lowercase) if not d.corpus else None
+            if shipped:  # the demo: the vocabulary trained once on the same split (training one is not repeatable)
+                os.makedirs(tokenizer, exist_ok=True)
+                shutil.copy(shipped, os.path.join(tokenizer, "vocab.txt"))
+                vocab.load_tokenizer(tokenizer).save_pretrained(tokenizer)
+            else:
+                vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase,
+                                      corpus_format="bert")
         kw = dict(max_seq_length=d.seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
                   masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor,
-                  whole_word_masking=d.whole_word_masking, seed=d.seed, model_vocab_size=model.vocab_size,
+                  whole_word_masking=d.whole_word_masking, seed=d.seed, nsp=d.nsp, model_vocab_size=model.vocab_size,
                   overwrite=True, progress=False, corpus_format="bert")
         if eval_txt:
             data.prepare(eval_txt, tokenizer, eval_dir, **kw)
@@ -127,6 +146,9 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
     if manifest["max_seq_length"] > model.max_position_embeddings:
         raise rc.ConfigError(f"{train_dir} was prepared with seq length {manifest['max_seq_length']}, longer than "
                              f"model.max_position_embeddings={model.max_position_embeddings}")
+    if cfg.data.nsp and not manifest.get("nsp", True):
+        raise rc.ConfigError(f"{train_dir} holds single-segment (MLM-only) instances, which have no next-sentence "
+                             f"labels; set data.nsp=false, or prepare the corpus with sentence pairs")
     d, per_host = cfg.data, cfg.run.global_batch_size // jax.process_count()
     common = dict(batch_size=per_host, process_index=jax.process_index(), process_count=jax.process_count(),
                   masking=d.masking, packed=d.packed, tokenizer_sha256=_model_tokenizer_sha256(cfg, manifest))
@@ -139,7 +161,7 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
                                                     **{**common, "masking": "static"})
     seq = manifest["max_seq_length"]
     task = Task(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
-                logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model),
+                logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model, d.nsp),
                 train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
                 flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
     return cfg, task

@@ -135,17 +135,21 @@ def eval_stats(loss_fn: LossFn, params, batch) -> dict:
     return _stats(loss_fn(params, batch, None))
 
 
-def _apply(state: TrainState, grads, stats, optimizer, schedule, nan_policy: str):
+def _apply(state: TrainState, grads, stats, optimizer, schedule, nan_policy: str, lr=None):
     metrics = summarize(stats)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    if lr is not None:  # an optimizer built with rate 1, given the rate by the host (a wall-clock schedule)
+        updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics.update(grad_norm=grad_norm, finite=finite)
-    if schedule is not None:
+    if lr is not None:
+        metrics["lr"] = jnp.asarray(lr, jnp.float32)
+    elif schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -153,37 +157,41 @@ def _apply(state: TrainState, grads, stats, optimizer, schedule, nan_policy: str
 
 def make_sharded_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
                       shardings: TrainState, *, grad_accum: int = 1, schedule=None, nan_policy: str = "stop",
-                      dropout: bool = True, donate: bool = True):
+                      dropout: bool = True, donate: bool = True, host_lr: bool = False):
     """jit(step) over `mesh` with explicit in/out shardings and the state donated. The batch is a dict
-    of global arrays sharded on axis 0 over ('data', 'fsdp')."""
+    of global arrays sharded on axis 0 over ('data', 'fsdp'). `host_lr=True`: the step is
+    `(state, batch, lr)`, with a float32 scalar learning rate that scales the updates."""
     batch_sh = shd.batch_sharding(mesh)
     grad_constrain = lambda g: jax.lax.with_sharding_constraint(g, shardings.params)  # noqa: E731
 
     def constrain(b):
         return jax.lax.with_sharding_constraint(b, {k: batch_sh for k in b})
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, lr=None):
         rng = jax.random.fold_in(state.rng, state.step) if dropout else None
         grads, stats = gradients(loss_fn, state.params, batch, rng, grad_accum=grad_accum, constrain=constrain,
                                  grad_constrain=grad_constrain)
-        return _apply(state, grads, stats, optimizer, schedule, nan_policy)
+        return _apply(state, grads, stats, optimizer, schedule, nan_policy, lr)
 
-    return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)),
+    in_shardings = (shardings, batch_sh) + ((shd.replicated(mesh),) if host_lr else ())
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
 def make_pmap_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
-                   schedule=None, nan_policy: str = "stop", dropout: bool = True, donate: bool = True):
+                   schedule=None, nan_policy: str = "stop", dropout: bool = True, donate: bool = True,
+                   host_lr: bool = False):
     """The classic data-parallel step: state replicated on every device, batch [devices, B/devices, ...],
-    gradients and (sum, weight) statistics psum'd. Same objective as the sharded step."""
+    gradients and (sum, weight) statistics psum'd. Same objective as the sharded step. `host_lr=True`: the step
+    is `(state, batch, lr)` with `lr` [devices] (the same rate on each)."""
     reduce = lambda x: jax.lax.psum(x, PMAP_AXIS)  # noqa: E731
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, lr=None):
         rng = None
         if dropout:
             rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(PMAP_AXIS))
         grads, stats = gradients(loss_fn, state.params, batch, rng, grad_accum=grad_accum, reduce=reduce)
-        return _apply(state, grads, stats, optimizer, schedule, nan_policy)
+        return _apply(state, grads, stats, optimizer, schedule, nan_policy, lr)
 
     return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
 
