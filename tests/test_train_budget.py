@@ -125,16 +125,16 @@ def test_budget_clock_resumes_and_snapshots_come_at_their_points(tmp_path, prepa
             self.taken.append((step, train_seconds, params["bert"]["embeddings"]["word_embeddings"]
                                .shape))
 
-    base = _overrides(tmp_path / "run", prepared / "train-nsp0", "--data.nsp=false", "--run.budget_minutes=0.15",
+    base = _overrides(tmp_path / "run", prepared / "train-nsp0", "--data.nsp=false", "--run.budget_minutes=0.4",
                       "--checkpoint.every=100000")
     cfg, task = pretraining.build_task(rc.load("", base + ["--run.steps=30"]))  # stopped by the step cap
     first = loop.train(cfg, task)
-    assert first.step == 30 and first.train_seconds < 9
+    assert first.step == 30 and first.train_seconds < 24
     hook = Every(2.0)
     cfg, task = pretraining.build_task(rc.load("", base + ["--run.steps=1000000"]))
     second = loop.train(cfg, task, snapshots=hook)
     assert second.step > 30
-    assert 9 - 0.5 <= second.train_seconds <= 9 + 2  # the first run's time counted towards the budget
+    assert 24 <= second.train_seconds <= 24 + 3  # the first run's time counted towards the budget
     times = [t for _, t, _ in hook.taken]
     assert times == sorted(times) and hook.taken[-1][0] == second.step  # the last snapshot is the final step
     assert all(shape == (512, 32) for *_, shape in hook.taken)
