@@ -192,7 +192,7 @@ def time_to(curve: Sequence[tuple[float, float]], target: float) -> Optional[flo
     return None
 
 
-def summarize(cell: str, runs: dict, unigram: float) -> dict:
+def summarize(runs: dict, unigram: float) -> dict:
     curves = {n: [(r["wall_s"], r["accuracy"]) for r in recs] for n, recs in runs.items()}
     out = {"unigram_accuracy": unigram, "contenders": {}}
     targets = {peer: curves[peer][-1][1] for peer in ("hf_torch", "hf_flax") if peer in curves}
@@ -275,7 +275,7 @@ def run(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: 
             for r in records:
                 r["accuracy"] = peers.evaluate(r["dir"], ids, labels)
                 print(f"[{cell_name}] {name} step {r['step']} at {r['wall_s']:.0f} s: {r['accuracy']:.4f}", flush=True)
-        c = summarize(cell_name, runs, unigram)
+        c = summarize(runs, unigram)
         c["description"] = (f"BERT-{cell_name} ({cell.layers}x{cell.hidden}), {len(tokenizer):,}-token vocabulary")
         c["runs"] = runs
         report["cells"][cell_name] = c

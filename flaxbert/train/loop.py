@@ -4,6 +4,7 @@ step, logging/eval/checkpoints, NaN handling and clean preemption (SIGTERM/SIGIN
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -102,7 +103,7 @@ class _Engine:
         if r.step_impl == "pmap":
             self.n = jax.local_device_count()
             self.fn = st.make_pmap_step(task.loss_fn, optimizer, grad_accum=r.grad_accum, schedule=schedule,
-                                        nan_policy=r.nan_policy, host_lr=r.budget_minutes > 0)
+                                        nan_policy=r.nan_policy)
             self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(task.loss_fn, p, b), st.PMAP_AXIS),
                                     axis_name=st.PMAP_AXIS)
         else:
@@ -217,16 +218,13 @@ class _Clock:
     def seconds(self) -> float:
         return time.perf_counter() - self._start - self._paused
 
+    @contextlib.contextmanager
     def pause(self):
-        clock = self
-
-        class _Pause:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock._paused += time.perf_counter() - self.t
-        return _Pause()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t
 
 
 def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) -> Result:
@@ -328,8 +326,11 @@ def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) 
     timed = budget_s > 0 or snapshots is not None  # keep one step in flight, so that the clock is the device's
     reason, message = "finished", ""
     with _StopFlag() as stop:
+        def over(step: int) -> bool:
+            return step >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+
         step_now, in_flight, stopped_at = start, None, clock.seconds()
-        done = step_now >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+        done = over(step_now)
         while not done:
             lr = optim.budget_lr(cfg.optim, step_now, clock.seconds() / budget_s) if budget_s else None
             batch = next(batches)
@@ -341,7 +342,7 @@ def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) 
             if timed:
                 jax.block_until_ready(in_flight if in_flight is not None else m)
                 in_flight = m
-            done = step_now >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+            done = over(step_now)
             if done:
                 stopped_at = clock.seconds()  # before the final checkpoint and evaluation
             if bar is not None:

@@ -179,11 +179,10 @@ def make_sharded_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
 
 
 def make_pmap_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
-                   schedule=None, nan_policy: str = "stop", dropout: bool = True, donate: bool = True,
-                   host_lr: bool = False):
+                   schedule=None, nan_policy: str = "stop", dropout: bool = True, donate: bool = True):
     """The classic data-parallel step: state replicated on every device, batch [devices, B/devices, ...],
-    gradients and (sum, weight) statistics psum'd. Same objective as the sharded step. `host_lr=True`: the step
-    is `(state, batch, lr)` with `lr` [devices] (the same rate on each)."""
+    gradients and (sum, weight) statistics psum'd. Same objective as the sharded step. Called as
+    `(state, batch, lr)` with `lr` [devices] (the same rate on each), the rate scales the updates."""
     reduce = lambda x: jax.lax.psum(x, PMAP_AXIS)  # noqa: E731
 
     def step(state: TrainState, batch, lr=None):
