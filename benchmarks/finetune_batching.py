@@ -17,41 +17,39 @@ from pathlib import Path
 
 import jax
 
+from benchmarks import common
 from flaxbert import hf
 from flaxbert.finetune import batching
 from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
 from flaxbert.finetune.run import load_config, make_loss_fn
 from flaxbert.heads import init, logical_axes
-from flaxbert.sharding import make_mesh, to_global
-from flaxbert.train import optim
-from flaxbert.train.step import init_sharded_state, make_sharded_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(model, task, features, boundaries, steps: int, batch_size: int) -> dict:
     cfg = load_config()
-    tx = optim.make_optimizer(cfg.run.optim, steps + 8)
-    mesh = make_mesh(len(jax.devices()))
     config = model.config
-    state, shardings = init_sharded_state(lambda r: init(config, r, task.head, task.num_labels),
-                                          logical_axes(config, task.head, task.num_labels), tx, mesh, 0,
-                                          params=model.params)
-    step = make_sharded_step(make_loss_fn(task, config), tx, mesh, shardings, donate=True)
+    engine = common.flaxbert_engine(config, cfg.run.optim, batch_size,
+                                    lambda r: init(config, r, task.head, task.num_labels),
+                                    logical_axes(config, task.head, task.num_labels), make_loss_fn(task, config),
+                                    steps=steps + 8)
+    state = engine.init_state(model.params)
+    step = engine.step_fn
     batches = [{k: v for k, v in b.items() if k != "index"}
                for b in batching.make_batches(features, batch_size, boundaries, shuffle=True, seed=0)]
     warm = {}
     for b in batches:  # compile every shape first
         warm.setdefault(b["input_ids"].shape, b)
     for b in warm.values():
-        state, m = step(state, to_global(b, mesh))
+        state, m = step(state, engine.put(b))
         jax.block_until_ready(m)
     timed = batches[:steps]
     real = sum(batching.real_tokens(b) for b in timed)
     padded = sum(b["input_ids"].size for b in timed)
     t0 = time.perf_counter()
     for b in timed:
-        state, m = step(state, to_global(b, mesh))
+        state, m = step(state, engine.put(b))
     jax.block_until_ready(m)
     seconds = time.perf_counter() - t0
     return {"steps": len(timed), "shapes": sorted(warm), "seconds": seconds, "real_tokens": real,

@@ -36,9 +36,7 @@ from flaxbert.finetune.run import make_loss_fn
 from flaxbert.finetune.tasks import get_task
 from flaxbert.heads import init, logical_axes
 from flaxbert.run_config import OptimConfig
-from flaxbert.sharding import make_mesh, to_global
 from flaxbert.train import optim
-from flaxbert.train.step import init_sharded_state, make_sharded_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/glue/SST-2"  # relative to the repository root
@@ -59,19 +57,18 @@ class Pass:
 
 
 def flaxbert_pass(name, task, config, params, batches, host_sync=False) -> tuple[Pass, Callable]:
-    tx = optim.make_optimizer(OPTIM, 10_000)
-    mesh = make_mesh(jax.device_count())
     head, n = task.head, task.num_labels
-    state, shardings = init_sharded_state(lambda r: init(config, r, head, n), logical_axes(config, head, n), tx, mesh,
-                                          0, params=params)
     loss_fn = make_loss_fn(task, config)
-    step = make_sharded_step(loss_fn, tx, mesh, shardings, dropout=True)
+    engine = common.flaxbert_engine(config, OPTIM, len(batches[0]["input_ids"]), lambda r: init(config, r, head, n),
+                                    logical_axes(config, head, n), loss_fn)
+    state = engine.init_state(params)
+    step = engine.step_fn
     holder = {"state": state}
     strip = lambda b: {k: v for k, v in b.items() if k != "index"}  # noqa: E731
 
     def run(bs):
         for b in bs:
-            holder["state"], m = step(holder["state"], to_global(strip(b), mesh))
+            holder["state"], m = step(holder["state"], engine.put(strip(b)))
             if host_sync:
                 jax.device_get(m)
         jax.block_until_ready(holder["state"].params)

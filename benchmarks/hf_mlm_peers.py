@@ -126,10 +126,16 @@ def evaluate(hf_dir: str, input_ids: np.ndarray, labels: np.ndarray, batch_size:
         from transformers import BertConfig, FlaxBertForMaskedLM
         from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
+        from flax.serialization import msgpack_restore
+        from flax.traverse_util import flatten_dict
+
+        with open(os.path.join(hf_dir, "flax_model.msgpack"), "rb") as f:
+            saved = flatten_dict(msgpack_restore(f.read()))
         flax_model = FlaxBertForMaskedLM.from_pretrained(hf_dir)
+        expected = flatten_dict(flax_model.params)
+        missing = [".".join(k) for k in expected if k not in saved and "decoder" not in k]  # decoder: tied
         model = load_flax_weights_in_pytorch_model(BertForMaskedLM(BertConfig.from_pretrained(hf_dir)),
                                                    flax_model.params)
-        missing = []
     if missing:
         raise ValueError(f"{hf_dir}: weights missing when loaded as BertForMaskedLM: {missing[:5]}")
     model.eval()
@@ -159,6 +165,12 @@ def _budget_steps(step_time: float, budget_s: float) -> int:
     return max(int(budget_s / step_time), 10)
 
 
+def snapshot_due(points: Sequence[float], budget_s: float, taken: int, seconds: float) -> bool:
+    """Whether the next of the budget shares `points` is reached after `taken` snapshots (the last one, at the
+    end of the budget, is taken by the run itself): one rule for every contender."""
+    return taken < len(points) - 1 and seconds >= points[taken] * budget_s
+
+
 class _Snapshots:
     """Saves at the budget shares `points` of training time, with the clock stopped while saving."""
 
@@ -169,7 +181,7 @@ class _Snapshots:
 
     def maybe(self, seconds: float, step: int, losses: list, final: bool = False) -> None:
         k = len(self.records)
-        if not final and (k >= len(self.points) - 1 or seconds < self.points[k] * self.budget_s):
+        if not final and not snapshot_due(self.points, self.budget_s, k, seconds):
             return
         t = time.perf_counter()
         where = os.path.join(self.out_dir, f"snapshot-{k}")
@@ -318,6 +330,7 @@ def run_hf_flax(cell: Cell, hp: HParams, blocks: np.ndarray, budget_s: float, po
 
     model = FlaxBertForMaskedLM(hf_bert_config(cell, len(tokenizer)), seed=hp.seed, dtype=jnp.float32)
     rng_np = np.random.default_rng(hp.seed)
+    np.random.seed(hp.seed)  # the NumPy collator masks with NumPy's global generator
     it = batches()
     start = time.perf_counter()  # the real run compiles again (a new schedule): that is counted
     tx, opt_state = make(total)

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import common
 from flaxbert import heads
-from flaxbert import sharding as shd
 from flaxbert.config import BertConfig
 from flaxbert.run_config import OptimConfig
 from flaxbert.train import optim
 from flaxbert.train.pretraining import make_loss_fn
-from flaxbert.train.step import init_sharded_state, make_sharded_step
 
 OPTIM = OptimConfig(lr=1e-4, warmup_steps=0, decay="constant", clip_norm=1.0, weight_decay=0.01)
 
@@ -78,12 +77,12 @@ def flaxbert_runner(config: BertConfig, params, batch: dict, *, dropout: bool = 
     to the host after each step (what a loop that logs every step does). `compile_step=False` builds
     only the loss (for the parity test)."""
     loss_fn = make_loss_fn(config)
-    tx = optim.make_optimizer(optim_cfg, total_steps=10_000)
-    mesh = shd.make_mesh(jax.device_count())
-    state, shardings = init_sharded_state(lambda r: heads.init(config, r, head="pretraining"),
-                                          heads.logical_axes(config, "pretraining"), tx, mesh, 0, params=params)
-    gbatch = shd.to_global(batch, mesh)
-    step_fn = make_sharded_step(loss_fn, tx, mesh, shardings, dropout=dropout, donate=donate)
+    engine = common.flaxbert_engine(config, optim_cfg, len(batch["input_ids"]),
+                                    lambda r: heads.init(config, r, head="pretraining"),
+                                    heads.logical_axes(config, "pretraining"), loss_fn, dropout=dropout, donate=donate)
+    state = engine.init_state(params)
+    gbatch = engine.put(batch)
+    step_fn = engine.step_fn
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, gbatch).compile() if compile_step else None
     compile_s = time.perf_counter() - t0

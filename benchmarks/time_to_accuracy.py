@@ -94,6 +94,7 @@ def flaxbert_overrides(cell: peers.Cell, hp: peers.HParams, budget_s: float, wor
             f"--model.intermediate_size={cell.intermediate}",
             f"--model.max_position_embeddings={cell.max_position_embeddings}",
             "--optim.name=adamw", f"--optim.lr={hp.lr}", f"--optim.warmup_fraction={hp.warmup_fraction}",
+            "--optim.clip_norm=0",  # neither run_mlm_no_trainer nor run_mlm_flax clips gradients
             "--optim.end_lr=0", "--optim.decay=linear", f"--optim.weight_decay={hp.weight_decay}",
             f"--optim.b1={hp.b1}", f"--optim.b2={hp.b2}", f"--optim.eps={hp.eps}",
             f"--run.global_batch_size={hp.batch_size}", f"--run.budget_minutes={budget_s / 60}",
@@ -121,8 +122,7 @@ def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: S
             self.last_loss = float("nan")
 
         def due(self, step, seconds):
-            k = len(self.records)
-            return k < len(points) - 1 and seconds >= points[k] * budget_s
+            return peers.snapshot_due(points, budget_s, len(self.records), seconds)
 
         def take(self, step, seconds, params):
             k = len(self.records)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxbert.config import BertConfig
-from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, _dtype, _normal, _zeros, activation,
-                            check_batch, encoder_inputs, gather_positions)
+from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, activation, check_batch, compute_dtype,
+                            encoder_inputs, gather_positions, normal_init, zeros_init)
 
 Array = jax.Array
 HEADS = ("pretraining", "masked_lm", "sequence_classification", "token_classification",
@@ -52,18 +52,18 @@ class MLMHead(nn.Module):
     @nn.compact
     def __call__(self, h, attend):
         c = self.config
-        dtype = _dtype(c)
+        dtype = compute_dtype(c)
         h = nn.Dense(c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                     kernel_init=_normal(c, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+                     kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
                      name="transform")(h)
         h = LayerNorm(c.layer_norm_eps, dtype, name="transform_norm")(activation(c.hidden_act)(h))
-        bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), jnp.float32)
+        bias = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), jnp.float32)
         return attend(h).astype(jnp.float32) + bias
 
 
 def _classifier(config: BertConfig, features: int, name: str):
-    return nn.Dense(features, dtype=_dtype(config), param_dtype=jnp.float32,
-                    kernel_init=_normal(config, ("embed", "labels")), bias_init=_zeros(("labels",)), name=name)
+    return nn.Dense(features, dtype=compute_dtype(config), param_dtype=jnp.float32,
+                    kernel_init=normal_init(config, ("embed", "labels")), bias_init=zeros_init(("labels",)), name=name)
 
 
 class Head(nn.Module):

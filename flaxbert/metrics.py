@@ -18,6 +18,13 @@ import numpy as np
 # ------------------------------------------------------------------------------------------------
 
 
+def softmax(logits, axis: int = -1) -> np.ndarray:
+    """Probabilities from logits on the host (numerically stable)."""
+    x = np.asarray(logits)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 def _as_int_arrays(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     t, p = np.asarray(y_true), np.asarray(y_pred)
     if t.shape != p.shape or t.ndim != 1:

@@ -14,10 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
+from flaxbert import sharding as shd
 from flaxbert.config import BertConfig, ConfigError
 
 Array = jax.Array
+REPLICATED = PartitionSpec()  # a parameter gathered whole on every device
 ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "instance_ids")
 
 
@@ -30,15 +34,17 @@ class EncoderOutput(NamedTuple):
     pooled_output: Array  # [batch, hidden], or [batch, instances, hidden] for packed rows
 
 
-def _dtype(config: BertConfig):
+def compute_dtype(config: BertConfig):
+    """The dtype activations are computed in (parameters stay float32)."""
     return jnp.dtype(config.dtype)
 
 
-def _normal(config: BertConfig, axes):
+def normal_init(config: BertConfig, axes):
+    """BERT's N(0, initializer_range) initializer, with the parameter's logical axes."""
     return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
 
 
-def _zeros(axes):
+def zeros_init(axes):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
@@ -164,7 +170,7 @@ class LayerNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                            (features,), jnp.float32)
-        bias = self.param("bias", _zeros(("embed",)), (features,), jnp.float32)
+        bias = self.param("bias", zeros_init(("embed",)), (features,), jnp.float32)
         return layer_norm(x.astype(jnp.float32), scale, bias, self.eps).astype(self.dtype)
 
 
@@ -176,21 +182,25 @@ class Embeddings(nn.Module):
 
     def setup(self):
         c = self.config
-        self.word_embeddings = self.param("word_embeddings", _normal(c, ("vocab", "embed")),
+        self.word_embeddings = self.param("word_embeddings", normal_init(c, ("vocab", "embed")),
                                           (c.vocab_size, c.hidden_size), jnp.float32)
-        self.position_embeddings = self.param("position_embeddings", _normal(c, ("pos", "embed")),
+        self.position_embeddings = self.param("position_embeddings", normal_init(c, ("pos", "embed")),
                                               (c.max_position_embeddings, c.hidden_size), jnp.float32)
-        self.token_type_embeddings = self.param("token_type_embeddings", _normal(c, ("type", "embed")),
+        self.token_type_embeddings = self.param("token_type_embeddings", normal_init(c, ("type", "embed")),
                                                 (c.type_vocab_size, c.hidden_size), jnp.float32)
-        self.norm = LayerNorm(c.layer_norm_eps, _dtype(c), name="norm")
+        self.norm = LayerNorm(c.layer_norm_eps, compute_dtype(c), name="norm")
         self.dropout = Dropout(c.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids):
-        x = (jnp.take(self.word_embeddings, input_ids, axis=0)
-             + jnp.take(self.position_embeddings, position_ids, axis=0)
-             + jnp.take(self.token_type_embeddings, token_type_ids, axis=0))  # [batch, seq, hidden]
-        x = self.norm(x)
-        return self.dropout(x, deterministic=self.deterministic)
+        # the tables gathered whole before the lookup (FSDP's all-gather of a parameter before its use), so the
+        # rows come out split over the batch like the ids; a lookup into a sharded table would be re-partitioned
+        # by XLA at full cost ("involuntary full rematerialization")
+        whole = lambda table: shd.constrain(table, REPLICATED)  # noqa: E731
+        x = (jnp.take(whole(self.word_embeddings), input_ids, axis=0)
+             + jnp.take(whole(self.position_embeddings), position_ids, axis=0)
+             + jnp.take(whole(self.token_type_embeddings), token_type_ids, axis=0))  # [batch, seq, hidden]
+        x = self.norm(shd.constrain(x))  # rows split over the batch axes, the hidden dimension whole
+        return shd.constrain(self.dropout(x, deterministic=self.deterministic))
 
     def attend(self, x):
         """Logits against the word embedding table (weights tied to the input embeddings)."""
@@ -234,12 +244,12 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         c = self.config
-        dtype = _dtype(c)
+        dtype = compute_dtype(c)
 
         def proj(name):
             return nn.DenseGeneral((c.num_attention_heads, c.head_dim), axis=-1, dtype=dtype,
-                                   param_dtype=jnp.float32, kernel_init=_normal(c, ("embed", "heads", "kv")),
-                                   bias_init=_zeros(("heads", "kv")), name=name)(x)
+                                   param_dtype=jnp.float32, kernel_init=normal_init(c, ("embed", "heads", "kv")),
+                                   bias_init=zeros_init(("heads", "kv")), name=name)(x)
 
         q, k, v = proj("query"), proj("key"), proj("value")  # [batch, seq, heads, head_dim]
         scale = 1.0 / math.sqrt(c.head_dim)
@@ -255,7 +265,7 @@ class SelfAttention(nn.Module):
         else:  # jax.nn.dot_product_attention (XLA's version) has no attention-probability dropout
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
-                               kernel_init=_normal(c, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
+                               kernel_init=normal_init(c, ("heads", "kv", "embed")), bias_init=zeros_init(("embed",)),
                                name="output")(ctx)
 
 
@@ -268,23 +278,27 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         c = self.config
-        dtype = _dtype(c)
+        dtype = compute_dtype(c)
         drop = Dropout(c.hidden_dropout_prob)
         attn = SelfAttention(c, self.deterministic, name="attention")(x, mask)
         x = LayerNorm(c.layer_norm_eps, dtype, name="attention_norm")(x + drop(attn, self.deterministic))
+        x = checkpoint_name(x, "attention_block_output")  # what remat_policy="minimal" keeps
         h = nn.Dense(c.intermediate_size, dtype=dtype, param_dtype=jnp.float32,
-                     kernel_init=_normal(c, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="intermediate")(x)
+                     kernel_init=normal_init(c, ("embed", "mlp")), bias_init=zeros_init(("mlp",)), name="intermediate")(x)
         h = activation(c.hidden_act)(h)
         h = nn.Dense(c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                     kernel_init=_normal(c, ("mlp", "embed")), bias_init=_zeros(("embed",)), name="output")(h)
+                     kernel_init=normal_init(c, ("mlp", "embed")), bias_init=zeros_init(("embed",)), name="output")(h)
         x = LayerNorm(c.layer_norm_eps, dtype, name="output_norm")(x + drop(h, self.deterministic))
-        return x, None
+        return shd.constrain(x), None
 
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # the attention half's output only: the backward pass recomputes each half from its own input, one
+    # [batch, seq, hidden] array per layer beyond "full"
+    "minimal": jax.checkpoint_policies.save_only_these_names("attention_block_output"),
 }
 
 
@@ -315,8 +329,8 @@ class Pooler(nn.Module):
     @nn.compact
     def __call__(self, cls_hidden):
         c = self.config
-        y = nn.Dense(c.hidden_size, dtype=_dtype(c), param_dtype=jnp.float32,
-                     kernel_init=_normal(c, ("embed", "embed_out")), bias_init=_zeros(("embed_out",)),
+        y = nn.Dense(c.hidden_size, dtype=compute_dtype(c), param_dtype=jnp.float32,
+                     kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
                      name="dense")(cls_hidden)
         return jnp.tanh(y)
 

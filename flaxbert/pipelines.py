@@ -63,8 +63,7 @@ class TextClassificationPipeline(_Pipeline):
             if len(logits) == 1:  # regression
                 out.append({"score": float(logits[0])})
                 continue
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
+            probs = metrics.softmax(logits)
             order = np.argsort(-probs)[:top_k]
             ranked = [{"label": self.labels[i], "score": float(probs[i])} for i in order]
             out.append(ranked[0] if top_k == 1 else ranked)
@@ -87,8 +86,7 @@ class NERPipeline(_Pipeline):
             feat = {"input_ids": np.asarray(enc["input_ids"], np.int32),
                     "token_type_ids": np.asarray(enc["token_type_ids"], np.int32)}
             (logits,) = self._run([feat], seq_outputs=True)[0]
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
+            probs = metrics.softmax(logits)
             # character span and first sub-token of every word
             spans, first = [[None, None] for _ in range(n_words)], [None] * n_words
             for pos, w in enumerate(word_ids):

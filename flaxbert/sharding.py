@@ -6,7 +6,9 @@ Changing the mesh (not the code) switches between data parallel, FSDP and tensor
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import contextlib
+import contextvars
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -15,9 +17,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both; FSDP shards only parameters
 
-# logical axis -> mesh axis (None = replicated). Parameters are sharded over `fsdp` on their hidden
-# dimension and over `tensor` on heads / FFN / vocabulary; everything else is replicated.
-RULES: tuple[tuple[str, Optional[str]], ...] = (
+# logical axis -> mesh axis or axes (None = replicated). Parameters are sharded over `fsdp` on their hidden
+# dimension and over `tensor` on heads / FFN / vocabulary; everything else is replicated. Activations at block
+# boundaries (the embeddings' output and every layer's) have their batch split over data x fsdp and their
+# hidden dimension whole, as Megatron-style tensor parallelism wants it between blocks.
+RULES: tuple[tuple[str, Union[str, tuple[str, ...], None]], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("embed_out", "tensor"),
@@ -28,7 +32,12 @@ RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("layers", None),
     ("pos", None),
     ("type", None),
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
 )
+ACTIVATION = P("activation_batch", "activation_length", "activation_embed")  # [batch, seq, hidden]
+_activation_mesh: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("activation_mesh", default=None)
 
 
 def make_mesh(data: int, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
@@ -51,12 +60,32 @@ def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
         if name not in table:
             raise ValueError(f"logical axis {name!r} has no rule in flaxbert.sharding.RULES ({sorted(table)})")
         axis = table[name]
-        if axis is None or axis in used or size % mesh.shape[axis]:
+        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        if not axes or used & set(axes) or size % int(np.prod([mesh.shape[a] for a in axes])):
             out.append(None)
             continue
-        used.add(axis)
+        used.update(axes)
         out.append(axis)
     return P(*out)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """While a step is traced for `mesh`, `constrain` pins activations to their logical layout there."""
+    token = _activation_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _activation_mesh.reset(token)
+
+
+def constrain(x, logical: P = ACTIVATION):
+    """`x` constrained to the mesh layout of its logical axes inside `activation_sharding`; unchanged outside
+    it (one device, pmap, or the model called on its own)."""
+    mesh = _activation_mesh.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(logical, x.shape, mesh)))
 
 
 def param_shardings(logical_specs, shapes, mesh: Mesh, rules=RULES):

@@ -99,6 +99,42 @@ def test_same_seed_same_bytes_and_exact_resume(prepared, prepared_wwm, masking, 
         other.set_state({"settings": state["settings"], "iterator": {}})
 
 
+def test_worker_processes_make_the_same_batches_resume_and_clean_up(prepared, prepared_wwm):
+    """Batches made in worker processes (shared-memory blocks) are the in-process ones, over an epoch boundary
+    and after a mid-run set_state (which waits for the workers still writing); close() stops the workers and
+    frees every block; a worker that dies is a DataError naming the data."""
+    import os
+    import signal
+    from multiprocessing import shared_memory
+
+    kw = dict(batch_size=8, seed=5, masking="dynamic", packed=True)
+    reference = take(make_loader(prepared_wwm, prefetch_threads=0, **kw), 110)
+    loader = make_loader(prepared_wwm, prefetch_processes=2, prefetch_depth=3, **kw)
+    assert same(take(loader, 110), reference)
+    state = {**loader.get_state(), "next_batch": 40}
+    take(loader, 2)  # workers now busy with batches ahead
+    loader.set_state(state)
+    assert same(take(loader, 30), reference[40:70])
+    names = [b.name for b in loader._blocks]
+    workers = list(loader._pool._processes.values())
+    loader.close()
+    assert all(not w.is_alive() for w in workers)
+    for name in names:
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
+    assert same(take(make_loader(prepared, prefetch_processes=1, masking="static", batch_size=8, seed=5), 5),
+                take(make_loader(prepared, prefetch_threads=0, masking="static", batch_size=8, seed=5), 5))
+    doomed = make_loader(prepared, prefetch_processes=1, batch_size=8, seed=5)
+    next(doomed)
+    for w in list(doomed._pool._processes.values()):
+        os.kill(w.pid, signal.SIGKILL)
+    with pytest.raises(DataError, match=r"meditations: a loader worker process ended abruptly.*batch \d+"):
+        take(doomed, 10)
+    doomed.close()
+    with pytest.raises(DataError, match="prefetch_threads and prefetch_processes must be >= 0"):
+        make_loader(prepared, prefetch_processes=-1, batch_size=8, seed=5)
+
+
 def test_epochs_reshuffle_and_dynamic_masks_change(prepared):
     n = load_manifest(prepared)["counts"]["instances"]
     kw = dict(batch_size=1, seed=1, num_epochs=2, drop_remainder=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import flaxbert
+from flaxbert.config import REMAT_POLICIES
 from flaxbert.hf import load_pretrained
 
 
@@ -160,9 +161,11 @@ def _loss_and_grads(cfg, params, batch, dropout_rng=None):
     return jax.value_and_grad(loss)(params)
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
-                                     dict(remat_policy="dots"), dict(scan_layers=False, remat_policy="dots_no_batch")])
+@pytest.mark.parametrize("variant", [dict(scan_layers=False)]
+                         + [dict(remat_policy=p) for p in REMAT_POLICIES if p != "none"]
+                         + [dict(scan_layers=False, remat_policy=p) for p in ("dots_no_batch", "minimal")], ids=str)
 def test_scan_unroll_and_remat_agree(variant):
+    """Every remat policy BertConfig accepts runs, scanned and unrolled, with the loss and gradients of none."""
     base = _tiny()
     other = base.replace(**variant)
     params = flaxbert.init(base, jax.random.key(1), head="pretraining")

@@ -19,6 +19,7 @@ from flaxbert.train import loop, optim
 from flaxbert.train import step as st
 from flaxbert.train.metrics import latest_by_step, read_jsonl
 from flaxbert.train.pretraining import make_loss_fn, packaged_corpus
+from flaxbert.train.engine import init_sharded_state
 from train_helpers import synthetic_batch, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def test_rate_given_by_the_host_equals_the_optimizers_own(name):
     finals = []
     for budget in (False, True):
         tx = optim.make_optimizer(cfg, 10, budget=budget)
-        state, shardings = st.init_sharded_state(init, axes, tx, mesh, 0)
+        state, shardings = init_sharded_state(init, axes, tx, mesh, 0)
         step = st.make_sharded_step(loss_fn, tx, mesh, shardings, host_lr=budget, dropout=False)
         for b in batches:
             state, m = step(state, b, jax.device_put(np.float32(3e-3), shd.replicated(mesh))) if budget else \

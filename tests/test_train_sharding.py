@@ -10,6 +10,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from flaxbert import heads, sharding
 from flaxbert.run_config import OptimConfig
 from flaxbert.train import optim, pretraining, step as train_step
+from flaxbert.train.engine import init_sharded_state
 from train_helpers import synthetic_batch, tiny_config
 
 MESH = AbstractMesh((2, 4, 2), sharding.MESH_AXES)
@@ -44,7 +45,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_donates_the_state():
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx = optim.make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), 10)
     init = lambda rng: heads.init(config, rng, head="pretraining")  # noqa: E731
-    state, shardings = train_step.init_sharded_state(init, heads.logical_axes(config, "pretraining"), tx, mesh, 0)
+    state, shardings = init_sharded_state(init, heads.logical_axes(config, "pretraining"), tx, mesh, 0)
     fn = train_step.make_sharded_step(pretraining.make_loss_fn(config), tx, mesh, shardings)
     batch = sharding.to_global(synthetic_batch(np.random.default_rng(0), 8, vocab=config.vocab_size), mesh)
     old_leaf = jax.tree.leaves(state.params)[0]

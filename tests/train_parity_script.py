@@ -20,6 +20,7 @@ from train_helpers import synthetic_batch, tiny_config  # noqa: E402
 from flaxbert import heads, sharding  # noqa: E402
 from flaxbert.run_config import OptimConfig  # noqa: E402
 from flaxbert.train import optim, pretraining, step as train_step  # noqa: E402
+from flaxbert.train.engine import init_sharded_state  # noqa: E402
 
 STEPS, BATCH = 5, 32
 
@@ -54,7 +55,7 @@ def run(layout: str, dropout: bool) -> list[float]:
         d, f, t = (int(x) for x in layout.split(","))
         mesh = sharding.make_mesh(d, f, t, devices=jax.devices()[: d * f * t])  # all devices of all processes
     logical = heads.logical_axes(config, "pretraining")
-    state, shardings = train_step.init_sharded_state(init_params, logical, tx, mesh, seed=0)
+    state, shardings = init_sharded_state(init_params, logical, tx, mesh, seed=0)
     fn = train_step.make_sharded_step(loss_fn, tx, mesh, shardings, grad_accum=accum, schedule=sched, dropout=dropout)
     pid, nproc = jax.process_index(), jax.process_count()
     for b in batches:

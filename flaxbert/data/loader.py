@@ -10,22 +10,28 @@ G = batch_size * process_count, and process i takes rows [i*batch_size, (i+1)*ba
 `sharding.to_global` assembles a global batch. A job of 1, 2 or 8 processes thus trains on the same global
 batches, and the loader state is the index of the next global batch: it resumes on a slice of another size.
 Dynamic masks are drawn from (seed, stream position), so they are new every epoch and the same whichever
-process makes the row. Batches are made ahead in worker threads; batch g does not depend on how many there are.
+process makes the row. Batches are made ahead in worker threads or worker processes; batch g does not depend on
+how many there are, or of which kind.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import json
+import multiprocessing
 import os
 import threading
+import weakref
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from flaxbert import host
 from flaxbert.data import packing
 from flaxbert.data.corpus import DataError
 from flaxbert.data.masking import derive_key, mask_batch, place
@@ -247,25 +253,54 @@ class Loader:
 
     def __init__(self, order: Order, maker: BatchMaker, manifest: dict, settings: dict, *, batch_size: int,
                  process_index: int, process_count: int, num_batches: int | None, last_rows: int,
-                 threads: int, depth: int):
+                 threads: int, processes: int, depth: int, rebuild: tuple | None = None):
         self._order, self._maker = order, maker
         self.manifest, self.settings = manifest, settings
         self.batch_size, self.process_index, self.process_count = batch_size, process_index, process_count
         self.num_batches, self._last_rows = num_batches, last_rows  # rows per process in the last batch
         self._next = 0  # the next global batch to hand out
         self._lock = threading.Lock()  # the order cache is shared by the workers
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 0 else None
+        self._pool: concurrent.futures.Executor | None = None
         self._depth = max(depth, 1)
+        self._blocks: list[shared_memory.SharedMemory] = []
+        if processes > 0:
+            # Each worker process opens the data itself (`rebuild`) and writes batch g into shared-memory block
+            # g % depth, which is free then: batch g - depth has been copied out. Spawned, not forked: the
+            # parent usually runs JAX, whose threads do not survive a fork.
+            prepared, order_kwargs, maker_kwargs, nbytes = rebuild
+            self._blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(self._depth)]
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn"), initializer=_open_worker,
+                initargs=(prepared, order_kwargs, maker_kwargs, [b.name for b in self._blocks]))
+        elif threads > 0:
+            self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        # stops the workers and frees the blocks when the loader is closed, collected, or at interpreter exit
+        self._finalizer = weakref.finalize(self, _shut_down, self._pool, self._blocks)
         self._queue: collections.deque = collections.deque()  # futures of batches _next, _next + 1, ...
+
+    def positions(self, g: int) -> np.ndarray:
+        """The stream positions of global batch g's rows for this process."""
+        b = self._last_rows if self.num_batches is not None and g == self.num_batches - 1 else self.batch_size
+        first = g * self.batch_size * self.process_count + self.process_index * b
+        return np.arange(first, first + b, dtype=np.int64)
 
     def batch(self, g: int) -> dict[str, np.ndarray]:
         """Global batch g's rows for this process (a pure function of g and the settings)."""
-        b = self._last_rows if self.num_batches is not None and g == self.num_batches - 1 else self.batch_size
-        first = g * self.batch_size * self.process_count + self.process_index * b
-        positions = np.arange(first, first + b, dtype=np.int64)
+        positions = self.positions(g)
         with self._lock:
             slots = self._order.rows(positions)
         return self._maker(slots, positions)
+
+    def _submit(self, g: int) -> concurrent.futures.Future:
+        if self._blocks:
+            return self._pool.submit(_worker_batch, self.positions(g), g % self._depth)
+        return self._pool.submit(self.batch, g)
+
+    def _collect(self, g: int, made) -> dict[str, np.ndarray]:
+        if not self._blocks:
+            return made
+        buf = self._blocks[g % self._depth].buf
+        return {key: np.ndarray(shape, np.dtype(dtype), buf, offset).copy() for key, dtype, shape, offset in made}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -278,9 +313,14 @@ class Loader:
         else:
             ahead = self._next + len(self._queue)
             while len(self._queue) < self._depth and (self.num_batches is None or ahead < self.num_batches):
-                self._queue.append(self._pool.submit(self.batch, ahead))
+                self._queue.append(self._submit(ahead))
                 ahead += 1
-            out = self._queue.popleft().result()
+            try:
+                made = self._queue.popleft().result()
+            except concurrent.futures.process.BrokenProcessPool as e:
+                raise DataError(f"{self._maker.data.dir}: a loader worker process ended "
+                                f"abruptly ({e}); the data position is batch {self._next}") from None
+            out = self._collect(self._next, made)
         self._next += 1
         return out
 
@@ -301,12 +341,53 @@ class Loader:
                             + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
         for future in self._queue:
             future.cancel()
+        concurrent.futures.wait(self._queue)  # those already running write into blocks the next ones reuse
         self._queue.clear()
         self._next = int(state["next_batch"])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._finalizer()
+        self._pool = None
+
+
+def _shut_down(pool: concurrent.futures.Executor | None, blocks: list[shared_memory.SharedMemory]) -> None:
+    if pool is not None:
+        pool.shutdown(wait=bool(blocks), cancel_futures=True)  # worker processes: none left behind
+    for block in blocks:
+        block.close()
+        block.unlink()
+
+
+_WORKER: dict = {}  # in a worker process: the order, the batch maker and the parent's shared-memory blocks
+
+
+def _open_worker(prepared_dir: str, order_kwargs: dict, maker_kwargs: dict, blocks: list[str]) -> None:
+    # a batch's temporaries are large blocks that glibc would otherwise unmap and fault in again every batch
+    # (~30% of a whole-word batch's time); this process runs no XLA, so the setting is safe whatever the device
+    host.reuse_freed_memory(os.environ.get(host.ENV) or "reuse")
+    data = PreparedData(prepared_dir)
+    _WORKER["order"] = Order(data, **order_kwargs)
+    _WORKER["maker"] = BatchMaker(data, **maker_kwargs)
+    # attached blocks are registered with the parent's resource tracker, which frees them if the parent dies
+    _WORKER["blocks"] = [shared_memory.SharedMemory(name=name) for name in blocks]
+
+
+def _worker_batch(positions: np.ndarray, slot: int) -> list:
+    """Makes a batch in a worker process into the parent's shared-memory block `slot`; returns its layout."""
+    batch = _WORKER["maker"](_WORKER["order"].rows(positions), positions)
+    buf, layout, offset = _WORKER["blocks"][slot].buf, [], 0
+    for key, array in batch.items():
+        if offset + array.nbytes > len(buf):
+            raise DataError(f"a batch needs more than the {len(buf)} bytes reserved for it")
+        np.ndarray(array.shape, array.dtype, buf, offset)[...] = array
+        layout.append((key, array.dtype.str, array.shape, offset))
+        offset += array.nbytes
+    return layout
+
+
+def batch_nbytes(batch_size: int, seq_len: int, max_predictions: int, max_instances: int) -> int:
+    """An upper bound on a batch's bytes (every array holds 4-byte values): [B, S] x 5, [B, P] x 3, [B, K] x 3."""
+    return 4 * batch_size * (5 * seq_len + 3 * max_predictions + 3 * max_instances)
 
 
 def prepared_id(manifest: dict) -> str:
@@ -318,20 +399,25 @@ def prepared_id(manifest: dict) -> str:
 def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                 masking: str = "static", packed: bool = False, max_instances_per_row: int = 8,
-                drop_remainder: bool = True, prefetch_threads: int = 2, prefetch_depth: int = 4,
-                tokenizer_sha256: str | None = None) -> Loader:
+                drop_remainder: bool = True, prefetch_threads: int = 2, prefetch_processes: int = 0,
+                prefetch_depth: int = 4, tokenizer_sha256: str | None = None) -> Loader:
     """Batches of `batch_size` rows (this process's share of a global batch of batch_size * process_count).
 
     `num_epochs=None` repeats forever (batches then run across epoch boundaries); with a finite count the last
     partial global batch is dropped, or with `drop_remainder=False` kept, cut to a multiple of the process
     count so every process gets as many rows. `packed=True` puts up to `max_instances_per_row` instances in a
     row (see `packing`). `prefetch_threads` worker threads make the next `prefetch_depth` batches ahead
-    (0 threads: made on demand). `tokenizer_sha256`, when given, must match the tokenizer of the prepared data.
+    (0 threads: made on demand); `prefetch_processes` > 0 makes them in that many worker processes instead,
+    which run in parallel where threads contend for the GIL (each opens the data itself, and they take a
+    second or two to start). `tokenizer_sha256`, when given, must match the tokenizer of the prepared data.
     """
     if masking not in ("static", "dynamic"):
         raise DataError(f"masking must be 'static' or 'dynamic', got {masking!r}")
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is outside [0, {process_count})")
+    if prefetch_threads < 0 or prefetch_processes < 0:
+        raise DataError(f"prefetch_threads and prefetch_processes must be >= 0, got {prefetch_threads} and "
+                        f"{prefetch_processes}")
     if batch_size < 1 or max_instances_per_row < 1:
         raise DataError(f"batch_size and max_instances_per_row must be positive, got {batch_size} and "
                         f"{max_instances_per_row}")
@@ -341,8 +427,10 @@ def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, 
         raise DataError(f"{data.dir}: prepared with tokenizer {manifest.get('tokenizer')!r} (sha256 "
                         f"{str(manifest.get('tokenizer_sha256'))[:12]}...), not the model's tokenizer "
                         f"({tokenizer_sha256[:12]}...); prepare the corpus again with the model's tokenizer")
-    order = Order(data, seed=seed, shuffle=shuffle, packed=packed, masking=masking,
-                  max_instances=max_instances_per_row)
+    order_kwargs = dict(seed=seed, shuffle=shuffle, packed=packed, masking=masking,
+                        max_instances=max_instances_per_row)
+    maker_kwargs = dict(masking=masking, packed=packed, seed=seed)
+    order = Order(data, **order_kwargs)
     G = batch_size * process_count
     num_batches, last_rows = None, batch_size
     if num_epochs is not None:
@@ -357,6 +445,10 @@ def make_loader(prepared_dir: str | os.PathLike, *, batch_size: int, seed: int, 
                 "num_epochs": num_epochs, "masking": masking, "packed": packed,
                 "max_instances_per_row": max_instances_per_row if packed else None,
                 "drop_remainder": drop_remainder}
-    return Loader(order, BatchMaker(data, masking, packed, seed), manifest, settings, batch_size=batch_size,
+    return Loader(order, BatchMaker(data, **maker_kwargs), manifest, settings, batch_size=batch_size,
                   process_index=process_index, process_count=process_count, num_batches=num_batches,
-                  last_rows=last_rows, threads=prefetch_threads, depth=prefetch_depth)
+                  last_rows=last_rows, threads=prefetch_threads, processes=prefetch_processes,
+                  depth=prefetch_depth,
+                  rebuild=(str(data.dir), order_kwargs, maker_kwargs,
+                           batch_nbytes(batch_size, data.seq_len, data.max_predictions,
+                                        max_instances_per_row if packed else 1)))

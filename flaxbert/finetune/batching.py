@@ -121,15 +121,6 @@ def fixed_length_boundaries(max_length: int) -> tuple[int, ...]:
     return (max_length,)
 
 
-def gather_rows(values: np.ndarray, batch: dict, out: Optional[list] = None) -> list:
-    """Per-feature rows of a model output for the real (non-filler) rows of `batch`, as (index, row)."""
-    out = [] if out is None else out
-    for row, idx in enumerate(batch["index"]):
-        if idx >= 0:
-            out.append((int(idx), values[row]))
-    return out
-
-
 # ----- packing ----------------------------------------------------------------------------------
 
 PACKED_ROW_COUNTS = tuple(sorted({*range(1, 9), *range(10, 17, 2), *range(20, 33, 4), *range(40, 65, 8),

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from flaxbert.finetune import features as F
 from flaxbert.finetune import readers
 from flaxbert.finetune.readers import DataError
-from flaxbert.finetune.tasks import GLUE_TASKS, Task
+from flaxbert.finetune.tasks import Task
 
 GLUE_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
              "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
@@ -31,21 +31,6 @@ class Columns:
     text: str = "text"
     text_pair: str = ""  # "" = single sentences
     label: str = "label"
-
-
-def _read(task: Task, path: Path, columns: Columns) -> list:
-    if task.kind == "ner":
-        return readers.read_conll(path)
-    if task.kind == "qa":
-        return readers.read_squad(path)
-    if task.kind == "multiple_choice":
-        return readers.read_swag(path)
-    regression = task.kind == "regression"
-    if task.name in GLUE_TASKS and path.suffix == ".tsv":
-        return readers.read_delimited(path, task.text, task.text_pair, task.label, header=task.header,
-                                      regression=regression, skip_malformed=task.skip_malformed_rows)
-    return readers.read_text_file(path, columns.text, columns.text_pair or None, columns.label,
-                                  regression=regression)
 
 
 def _custom_files(directory: Path) -> tuple[Optional[Path], list[tuple[str, Path]]]:
@@ -86,16 +71,6 @@ def locate_files(task: Task, data: str) -> tuple[Optional[Path], list[tuple[str,
     return paths[0], [(p.stem, p) for p in paths[1:]]
 
 
-def _labels_from(examples: Sequence, kind: str) -> tuple[str, ...]:
-    if kind == "ner":
-        tags = {t for ex in examples for t in (ex.tags or [])}
-        return tuple(sorted(tags, key=lambda t: (t != "O", t[2:], t)))  # O, B-LOC, I-LOC, B-MISC, ...
-    labels = {ex.label for ex in examples if ex.label is not None}
-    if labels and all(label.lstrip("-").isdigit() for label in labels):
-        return tuple(sorted(labels, key=int))
-    return tuple(sorted(labels))
-
-
 def _hf_data(task: Task, data: str, columns: Columns, with_train: bool) -> TaskData:
     """A HF dataset (saved directory or name); GLUE tasks use their `glue/<task>` columns and splits."""
     if task.hf_name is not None:
@@ -105,7 +80,7 @@ def _hf_data(task: Task, data: str, columns: Columns, with_train: bool) -> TaskD
     else:
         text, pair, config_name = columns.text, columns.text_pair or None, None
         eval_splits = (("dev", "validation"),)
-    regression = task.kind == "regression"
+    regression = task.spec.regression
     train, names = None, None
     if with_train:
         train, names = readers.hf_text_examples(readers.load_hf_split(data, "train", config_name), data, text, pair,
@@ -141,7 +116,7 @@ def _tfds_data(task: Task, name: str, columns: Columns, with_train: bool) -> Tas
         for i, row in enumerate(tfds.as_numpy(ds)):
             decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)  # noqa: E731
             raw = row[columns.label]
-            label = float(raw) if task.kind == "regression" else (
+            label = float(raw) if task.spec.regression else (
                 None if int(raw) == -1 else (names[int(raw)] if names else str(raw)))
             rows.append(readers.TextExample(decode(row[text]), decode(row[pair]) if pair else None, label,
                                             f"tfds:{name}[{split}]:row {i}"))
@@ -151,12 +126,12 @@ def _tfds_data(task: Task, name: str, columns: Columns, with_train: bool) -> Tas
 
 
 def _finish(task: Task, train, evals, names=None) -> TaskData:
-    if task.kind in ("classification", "ner") and task.labels is None:
+    if task.spec.labels_from_data and task.labels is None:
         if names is not None:
             task = task.with_labels(names)
         else:
             source = train if train else [ex for exs in evals.values() for ex in exs]
-            labels = _labels_from(source, task.kind)
+            labels = task.spec.labels_of(source)
             if not labels:
                 raise DataError(f"task {task.name}: no labels found in the training data")
             task = task.with_labels(labels)
@@ -178,8 +153,8 @@ def load_task_data(task: Task, data: str, *, columns: Columns = Columns(), with_
             train_path, eval_paths = locate_files(task, data)
             if with_train and train_path is None:
                 raise DataError(f"{data}: no training file found for task {task.name}")
-            train = _read(task, train_path, columns) if with_train else None
-            evals = {name: _read(task, p, columns) for name, p in eval_paths}
+            train = task.spec.read(task, train_path, columns) if with_train else None
+            evals = {name: task.spec.read(task, p, columns) for name, p in eval_paths}
             td = _finish(task, train, evals)
     if max_train and td.train is not None:
         td.train = td.train[:max_train]
@@ -197,14 +172,4 @@ class FeatureSettings:
 
 def make_features(task: Task, tokenizer, examples: Sequence, settings: FeatureSettings, training: bool) -> list[dict]:
     """Features for `examples`; labels are checked against the task's label set (file:line on error)."""
-    label_to_id = {label: i for i, label in enumerate(task.labels)} if task.labels else None
-    if task.kind == "ner":
-        return F.ner_features(tokenizer, examples, settings.max_length, label_to_id, settings.label_all_tokens)
-    if task.kind == "qa":
-        return F.qa_features(tokenizer, examples, settings.qa, training=training)
-    if task.kind == "multiple_choice":
-        return F.choice_features(tokenizer, examples, settings.max_length,
-                                 with_labels=training or all(ex.label is not None for ex in examples))
-    has_labels = training or all(ex.label is not None for ex in examples)
-    return F.text_features(tokenizer, examples, settings.max_length, label_to_id,
-                           regression=task.kind == "regression", with_labels=has_labels)
+    return task.spec.features(task, tokenizer, examples, settings, training)

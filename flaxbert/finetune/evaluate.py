@@ -15,7 +15,8 @@ import numpy as np
 from flaxbert import metrics
 from flaxbert.finetune import batching
 from flaxbert.finetune import features as F
-from flaxbert.finetune.tasks import Task, classification_metrics
+from flaxbert.finetune.kinds import EvalResult, EvalSettings
+from flaxbert.finetune.tasks import Task
 from flaxbert.heads import apply_head
 from flaxbert.model import ENCODER_KEYS
 
@@ -59,69 +60,12 @@ def run_model(forward: Callable, params, features: Sequence[dict], batch_size: i
     return Outputs(rows, tokens, time.perf_counter() - start)
 
 
-@dataclasses.dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    predictions: list[dict]  # one JSON-able record per example
-    confusion: Optional[np.ndarray] = None  # classification
-    entity_report: Optional[dict] = None  # NER: type -> EntityScores
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def evaluate(task: Task, examples: Sequence, features: Sequence[dict], outputs: Outputs,
              qa: F.QASettings = F.QASettings(), ner_scheme: Optional[str] = None, version_2: bool = False,
              null_threshold: float = 0.0) -> EvalResult:
-    """Metrics and per-example predictions from per-feature model outputs."""
-    if task.kind in ("classification", "multiple_choice"):
-        logits = np.stack([r[0] for r in outputs.rows])
-        probs = _softmax(logits)
-        pred = logits.argmax(-1)
-        names = task.labels or tuple(str(i) for i in range(logits.shape[-1]))
-        preds = [{"where": ex.where, "label": names[p] if task.kind == "classification" else int(p),
-                  "score": float(probs[i, p])} for i, (ex, p) in enumerate(zip(examples, pred))]
-        if "label" not in features[0]:
-            return EvalResult({}, preds)
-        gold = np.array([f["label"] for f in features])
-        m = classification_metrics(task, gold, pred)
-        n = logits.shape[-1]
-        return EvalResult(m, preds, metrics.confusion_matrix(gold, pred, n) if task.kind == "classification" else None)
-    if task.kind == "regression":
-        pred = np.array([float(r[0][0]) for r in outputs.rows])
-        preds = [{"where": ex.where, "score": float(p)} for ex, p in zip(examples, pred)]
-        if "label" not in features[0]:
-            return EvalResult({}, preds)
-        gold = np.array([f["label"] for f in features])
-        return EvalResult(classification_metrics(task, gold, pred), preds)
-    if task.kind == "ner":
-        outside = task.labels.index("O") if "O" in task.labels else 0
-        pred_tags = []
-        for ex, f, r in zip(examples, features, outputs.rows):
-            ids = F.word_predictions(f["word_ids"], r[0].argmax(-1), len(ex.words), outside)
-            pred_tags.append([task.labels[i] for i in ids])
-        preds = [{"where": ex.where, "words": ex.words, "tags": tags} for ex, tags in zip(examples, pred_tags)]
-        if examples[0].tags is None:
-            return EvalResult({}, preds)
-        report = metrics.entity_report([ex.tags for ex in examples], pred_tags, ner_scheme)
-        micro = report["micro avg"]
-        correct = sum(t == p for ex, tags in zip(examples, pred_tags) for t, p in zip(ex.tags, tags))
-        total = sum(len(ex.tags) for ex in examples)
-        m = {"precision": micro.precision, "recall": micro.recall, "f1": micro.f1, "token_accuracy": correct / total}
-        return EvalResult(m, preds, entity_report=report)
-    if task.kind == "qa":
-        answers = F.qa_postprocess(examples, features, [r[0] for r in outputs.rows], [r[1] for r in outputs.rows],
-                                   qa, version_2=version_2, null_threshold=null_threshold)
-        preds = [{"id": ex.qid, **dataclasses.asdict(answers[ex.qid])} for ex in examples]
-        gold = [metrics.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
-        texts = {q: a.text for q, a in answers.items()}
-        null = {q: a.null_score_diff for q, a in answers.items()} if version_2 else None
-        m = metrics.squad_evaluate(gold, texts, "2.0" if version_2 else "1.1", null_probs=null,
-                                   null_threshold=null_threshold)
-        return EvalResult(m, preds)
-    raise ValueError(f"unknown task kind {task.kind!r}")
+    """Metrics and per-example predictions from per-feature model outputs, scored by the task's kind."""
+    return task.spec.evaluate(task, examples, features, outputs,
+                              EvalSettings(qa, ner_scheme, version_2, null_threshold))
 
 
 def write_outputs(result: EvalResult, task: Task, out_dir: str, name: str, extra: Optional[dict] = None) -> dict:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from flaxbert.metrics import softmax
 from flaxbert.finetune.readers import ChoiceExample, DataError, QAExample, TextExample, TokenExample
 
 IGNORE = -100  # token label of positions that are not scored (special tokens, later sub-tokens)
@@ -172,11 +173,6 @@ class QAPrediction:
     null_score_diff: float  # null score minus the best span score (> threshold means "no answer")
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    return e / e.sum()
-
-
 def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], start_logits: Sequence[np.ndarray],
                    end_logits: Sequence[np.ndarray], settings: QASettings, version_2: bool = False,
                    null_threshold: float = 0.0) -> dict[str, QAPrediction]:
@@ -208,7 +204,7 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
             preds[ex.qid] = QAPrediction("", 1.0, -1, -1, float("inf"))
             continue
         scores = np.array([c[0] for c in candidates] + ([null_score] if version_2 else []))
-        probs = _softmax(scores)
+        probs = softmax(scores)
         best_score, cs, ce = candidates[0]
         diff = null_score - best_score
         if version_2 and diff > null_threshold:

@@ -18,7 +18,8 @@ from flaxbert.finetune import batching
 from flaxbert.finetune import evaluate as E
 from flaxbert.finetune.data import Columns, load_task_data, make_features
 from flaxbert.finetune.readers import DataError
-from flaxbert.finetune.tasks import classification_metrics, get_task
+from flaxbert.finetune.kinds.classification import Classification, scores
+from flaxbert.finetune.tasks import get_task
 from flaxbert.model import encode
 
 POOLINGS = ("mean", "pooled", "cls")
@@ -57,7 +58,7 @@ def extract_and_fit(cfg, pooling: str = "mean") -> dict:
 
     s, out_dir = cfg.task, cfg.run.run.output_dir
     task = get_task(s.name)
-    if task.kind != "classification":
+    if not isinstance(task.spec, Classification):  # a probe on [CLS]/mean embeddings predicts one class
         raise DataError(f"feature extraction is for classification tasks; {task.name} is {task.kind}")
     td = load_task_data(task, s.data, columns=Columns(s.text_column, s.text_pair_column, s.label_column),
                         max_train=s.max_train_examples, max_eval=s.max_eval_examples)
@@ -85,7 +86,7 @@ def extract_and_fit(cfg, pooling: str = "mean") -> dict:
             E.write_outputs(E.EvalResult({}, preds), task, out_dir, name)
             continue
         gold = np.array([f["label"] for f in feats])
-        result = E.EvalResult(classification_metrics(task, gold, pred), preds,
+        result = E.EvalResult(scores(task, gold, pred, task.num_labels), preds,
                               M.confusion_matrix(gold, pred, task.num_labels))
         E.write_outputs(result, task, out_dir, name, extra={"pooling": pooling})
         text = classification_report(gold, pred, labels=list(range(task.num_labels)),

@@ -16,7 +16,6 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import yaml
 
 from flaxbert import hf, run_config
@@ -28,13 +27,10 @@ from flaxbert.finetune.data import Columns, FeatureSettings, TaskData, load_task
 from flaxbert.finetune.readers import DataError
 from flaxbert.finetune.tasks import Task, get_task
 from flaxbert.heads import apply_head, init, logical_axes
-from flaxbert.losses import cross_entropy, mean_squared_error, span_loss
-from flaxbert.sharding import make_mesh, param_shardings
-from flaxbert.train import loop, optim
-from flaxbert.train import step as step_lib
+from flaxbert.train import loop
 from flaxbert.train.checkpoint import Checkpointer
+from flaxbert.train.engine import Trained, build_engine
 from flaxbert.train.metrics import MetricsWriter
-from flaxbert.train.step import LossOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,24 +160,12 @@ def saved_label_order(model: hf.PretrainedModel, task: Task) -> Task:
 
 
 def make_loss_fn(task: Task, config):
-    """The task's loss as (sum, weight) for the shared step. Filler rows (weight 0) and unscored NER
-    positions (label -100) carry no weight, so the mean is over real labelled tokens only."""
-    head, kind = task.head, task.kind
+    """The task's loss as (sum, weight) for the shared step (its kind's `loss`). Filler rows (weight 0) and
+    unscored NER positions (label -100) carry no weight, so the mean is over real labelled tokens only."""
+    head, kind = task.head, task.spec
 
     def loss_fn(params, batch, dropout_rng):
-        out = apply_head(params, batch, config, head=head, dropout_rng=dropout_rng)
-        w = batch["weight"]
-        if kind == "regression":
-            t = mean_squared_error(out.logits[..., 0], batch["label"], w)
-            return LossOutput(terms={"mse": (t.loss_sum, t.weight)})
-        if kind == "ner":
-            labels = batch["token_labels"]
-            t = cross_entropy(out.logits, jnp.maximum(labels, 0), (labels >= 0) * w[:, None])
-        elif kind == "qa":
-            t = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"], w)
-        else:
-            t = cross_entropy(out.logits, batch["label"], w)
-        return LossOutput(terms={"ce": (t.loss_sum, t.weight)}, metrics={"accuracy": (t.correct, t.weight)})
+        return kind.loss(apply_head(params, batch, config, head=head, dropout_rng=dropout_rng), batch)
 
     return loss_fn
 
@@ -294,8 +278,7 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
     boundaries = batching.fixed_length_boundaries(s.max_length) if s.pad_to_max else \
         batching.bucket_boundaries(s.max_length, s.bucket_min)
     batch_size = rc.run.global_batch_size
-    pack = (s.pack and not s.pad_to_max and task.kind in ("classification", "regression")
-            and batching.packable(train_features))
+    pack = s.pack and not s.pad_to_max and task.spec.packs and batching.packable(train_features)
     if s.pack and not pack and not s.pad_to_max:
         print(f"task.pack: {task.name} ({task.kind}) is not a single-sequence task; batches are bucketed instead",
               flush=True)
@@ -368,7 +351,7 @@ def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, l
     """Every eval set through the model, scored with the task's metrics (logged to `writer`)."""
     results = {}
     for name, feats in eval_features.items():
-        outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.kind in ("ner", "qa"),
+        outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.spec.sequence_outputs,
                            progress=progress, desc=f"eval {name} @{step}")
         results[name] = E.evaluate(task, task_data.evals[name], feats, outs, s.feature_settings().qa,
                                    ner_scheme=s.ner_scheme or None, version_2=s.version_2)
@@ -399,12 +382,8 @@ def evaluate_model(cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
 
 def _restore_target(cfg: run_config.RunConfig, init_params, axes, directory: str) -> tuple[Checkpointer, Any]:
     """The checkpointer of a loop run and the abstract train state (with shardings) to restore into."""
-    mesh = make_mesh(*run_config.validate_for_run(cfg, jax.device_count()))
-    optimizer = optim.make_optimizer(cfg.optim, cfg.run.steps)
-    abstract = step_lib.abstract_state(init_params, optimizer, cfg.run.seed)
-    shardings = step_lib.state_shardings(abstract, param_shardings(axes, abstract.params, mesh), optimizer, mesh)
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    return Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False), target
+    engine = build_engine(cfg, Trained(init_params, axes, loss_fn=None), compile_step=False)
+    return Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False), engine.target()
 
 
 def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
@@ -413,8 +392,7 @@ def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
     checkpointer, target = _restore_target(cfg, init_params, axes, directory)
     try:
         for step in checkpointer.all_steps():
-            # a specific step, not only the latest: the checkpointer's per-step restore (fingerprint-checked)
-            state, _, _ = checkpointer._restore_step(step, target)
+            state, _, _ = checkpointer.restore(step, target)  # fingerprint-checked
             yield step, state.params
     finally:
         checkpointer.close()
@@ -456,7 +434,7 @@ def _leaf_names(tree) -> list[str]:
 def save_model(model: hf.PretrainedModel, task: Task, params, out_dir: str) -> None:
     """A HF directory that `load_pretrained` and `flaxbert.pipeline` read back, with the label names."""
     extra = dict(model.hf_extra)
-    if task.kind in ("classification", "ner") and task.labels:
+    if task.spec.names_labels and task.labels:
         extra["id2label"] = {str(i): name for i, name in enumerate(task.labels)}
         extra["label2id"] = {name: i for i, name in enumerate(task.labels)}
     extra["finetuning_task"] = task.name

@@ -1,30 +1,24 @@
 """The task registry: GLUE (all nine), CoNLL NER, SQuAD v1.1/v2.0, SWAG and custom text tasks.
 
-A `Task` says which head and loss to use, how to read its files, its label set and its metrics, and
-which metric picks the best checkpoint.
+A `Task` names its kind (which says how it is read, featurized, trained and scored: flaxbert.finetune.kinds),
+where its files and columns are, its label set, its scores, and which metric picks the best checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import numpy as np
-
-from flaxbert import metrics
 from flaxbert.config import ConfigError
+from flaxbert.finetune.kinds import Kind, get_kind
 
 Column = Union[str, int]
-
-KINDS = ("classification", "regression", "ner", "qa", "multiple_choice")
-HEAD_OF_KIND = {"classification": "sequence_classification", "regression": "sequence_classification",
-                "ner": "token_classification", "qa": "question_answering", "multiple_choice": "multiple_choice"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str
+    kind: str  # a key of flaxbert.finetune.kinds.KINDS
     labels: Optional[tuple[str, ...]] = None  # None = read the label names from the training data
     main_metric: str = "accuracy"  # dev metric that selects the best checkpoint
     # files as distributed (GLUE) and their columns; header=False means columns are indices
@@ -39,17 +33,25 @@ class Task:
     hf_text: tuple[str, Optional[str]] = ("sentence", None)
     hf_eval_splits: tuple[tuple[str, str], ...] = (("dev", "validation"),)
     skip_malformed_rows: bool = False  # skip (with a notice) TSV rows with the wrong number of fields
+    scores: tuple[str, ...] = ()  # classification scores beside accuracy (kinds.classification.SCORES)
+    glue_layout: bool = False  # its .tsv files are read with the columns above (GLUE's own files)
+
+    def __post_init__(self):
+        get_kind(self.kind)  # a clear error for an unknown kind
+
+    @property
+    def spec(self) -> Kind:
+        """The task's kind: how it is read, featurized, trained and scored."""
+        return get_kind(self.kind)
 
     @property
     def head(self) -> str:
-        return HEAD_OF_KIND[self.kind]
+        return self.spec.head
 
     @property
     def num_labels(self) -> int:
-        if self.kind == "regression":
-            return 1
-        if self.kind in ("qa", "multiple_choice"):
-            return 2  # these heads have a fixed shape; the value is not used
+        if self.spec.fixed_num_labels is not None:
+            return self.spec.fixed_num_labels
         if self.labels is None:
             raise ValueError(f"task {self.name!r} takes its labels from the data; resolve them first")
         return len(self.labels)
@@ -59,9 +61,11 @@ class Task:
 
 
 def _glue(name, labels, text, text_pair=None, label="label", main="accuracy", header=True,
-          eval_files=(("dev", "dev.tsv"),), hf_text=None, hf_eval=(("dev", "validation"),), kind="classification"):
+          eval_files=(("dev", "dev.tsv"),), hf_text=None, hf_eval=(("dev", "validation"),), kind="classification",
+          scores=()):
     return Task(name, kind, labels, main, "train.tsv", eval_files, text, text_pair, label, header,
-                ("glue", name.replace("-", "").lower()), hf_text or ("sentence", None), hf_eval)
+                ("glue", name.replace("-", "").lower()), hf_text or ("sentence", None), hf_eval, scores=scores,
+                glue_layout=True)
 
 
 BINARY = ("0", "1")
@@ -69,12 +73,13 @@ NLI2 = ("entailment", "not_entailment")
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     # CoLA has no header: source, label, author's mark, sentence
-    _glue("cola", BINARY, text=3, label=1, header=False, main="mcc"),
+    _glue("cola", BINARY, text=3, label=1, header=False, main="mcc", scores=("mcc",)),
     _glue("sst2", BINARY, text="sentence"),
     _glue("mrpc", BINARY, text="#1 String", text_pair="#2 String", label="Quality", main="f1",
-          hf_text=("sentence1", "sentence2")),
+          hf_text=("sentence1", "sentence2"), scores=("f1",)),
     dataclasses.replace(_glue("qqp", BINARY, text="question1", text_pair="question2", label="is_duplicate",
-                              main="f1", hf_text=("question1", "question2")), skip_malformed_rows=True),
+                              main="f1", hf_text=("question1", "question2"), scores=("f1",)),
+                        skip_malformed_rows=True),
     _glue("stsb", None, text="sentence1", text_pair="sentence2", label="score", main="pearson",
           hf_text=("sentence1", "sentence2"), kind="regression"),
     _glue("mnli", ("contradiction", "entailment", "neutral"), text="sentence1", text_pair="sentence2",
@@ -90,8 +95,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("squad_v2", "qa", None, "best_f1", "train-v2.0.json", (("dev", "dev-v2.0.json"),)),
     Task("swag", "multiple_choice", None, "accuracy", "train.csv", (("dev", "val.csv"),)),
     # custom tasks: files given on the command line; columns `text`, `text_pair`, `label`
-    Task("text_classification", "classification", None, "accuracy", "", (), "text", None, "label"),
-    Task("text_pair_classification", "classification", None, "accuracy", "", (), "text", "text_pair", "label"),
+    Task("text_classification", "classification", None, "accuracy", "", (), "text", None, "label",
+         scores=("macro_f1",)),
+    Task("text_pair_classification", "classification", None, "accuracy", "", (), "text", "text_pair", "label",
+         scores=("macro_f1",)),
     Task("text_regression", "regression", None, "pearson", "", (), "text", None, "label"),
     Task("ner", "ner", None, "f1", "", ()),
 ]}
@@ -106,22 +113,3 @@ def get_task(name: str) -> Task:
     if key not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or aliases {sorted(ALIASES)})")
     return TASKS[key]
-
-
-def classification_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """The official GLUE metric(s) for `task`, plus accuracy; y_* are label ids or scores."""
-    if task.kind == "regression":
-        return {"pearson": metrics.pearson(y_pred, y_true), "spearman": metrics.spearman(y_pred, y_true)}
-    out = {"accuracy": metrics.accuracy(y_true, y_pred)}
-    if task.name == "cola":
-        out["mcc"] = metrics.matthews_corrcoef(y_true, y_pred)
-    elif task.name in ("mrpc", "qqp"):
-        out["f1"] = metrics.f1_binary(y_true, y_pred, pos_label=1)
-    elif task.name not in GLUE_TASKS and task.kind == "classification":
-        out["macro_f1"] = metrics.f1_macro(y_true, y_pred, task.num_labels)
-    return out
-
-
-def prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
-    """MNLI's two dev sets: {"matched_accuracy": ..., "mismatched_accuracy": ...}; "dev" adds no prefix."""
-    return dict(values) if prefix == "dev" else {f"{prefix}_{k}": v for k, v in values.items()}

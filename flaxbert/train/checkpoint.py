@@ -86,7 +86,9 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self._prune_data_states()
 
-    def _restore_step(self, step: int, target):
+    def restore(self, step: int, target) -> tuple[Any, Any, dict]:
+        """(state, data_state, meta) of checkpoint `step`, checked against its fingerprint. `target` is the
+        abstract state (ShapeDtypeStructs with shardings); see `restore_latest` for falling back on corruption."""
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
@@ -108,7 +110,7 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             try:
-                result = self._restore_step(step, target)
+                result = self.restore(step, target)
             except Exception as e:  # any unreadable/corrupt checkpoint: fall back to the previous one
                 failures.append(f"{self.directory / str(step)}: {type(e).__name__}: {str(e)[:300]}")
                 msg = (f"checkpoint {self.directory / str(step)} is unreadable or corrupt "

@@ -17,11 +17,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxbert import run_config as rc
-from flaxbert import sharding as shd
 from flaxbert.train import checkpoint as ckpt
 from flaxbert.train import metrics as mx
 from flaxbert.train import optim
 from flaxbert.train import step as st
+from flaxbert.train.engine import build_engine
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Task:
     flops_per_token: float = 0.0  # for MFU; 0 = not reported
     eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # a fresh pass over held-out host-local batches
     initial_params: Any = None  # host arrays to start from (e.g. an HF checkpoint) instead of init_params
+    mesh_shape: Optional[tuple[int, int, int]] = None  # (data, fsdp, tensor) if the run config was validated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,78 +93,6 @@ class _StopFlag:
 
 def _mean_records(window: list[dict]) -> dict:
     return {k: float(np.mean([w[k] for w in window])) for k in window[0] if k != "finite"}
-
-
-class _Engine:
-    """Holds the compiled step in one of two layouts (sharded jit over the mesh, or pmap)."""
-
-    def __init__(self, cfg: rc.RunConfig, task: Task, mesh, optimizer, schedule, shardings):
-        self.cfg, self.mesh, self.shardings = cfg, mesh, shardings
-        r = cfg.run
-        if r.step_impl == "pmap":
-            self.n = jax.local_device_count()
-            self.fn = st.make_pmap_step(task.loss_fn, optimizer, grad_accum=r.grad_accum, schedule=schedule,
-                                        nan_policy=r.nan_policy)
-            self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(task.loss_fn, p, b), st.PMAP_AXIS),
-                                    axis_name=st.PMAP_AXIS)
-        else:
-            self.fn = st.make_sharded_step(task.loss_fn, optimizer, mesh, shardings, grad_accum=r.grad_accum,
-                                           schedule=schedule, nan_policy=r.nan_policy, host_lr=r.budget_minutes > 0)
-            self.eval_fn = jax.jit(lambda p, b: st.eval_stats(task.loss_fn, p, b),
-                                   in_shardings=(shardings.params, shd.batch_sharding(mesh)),
-                                   out_shardings=shd.replicated(mesh))
-
-    def to_engine(self, state):
-        if self.cfg.run.step_impl == "pmap":
-            return st.replicate(jax.device_get(state), self.n)
-        return state
-
-    def to_global(self, state):
-        """The engine's state in the checkpoint layout (sharded global arrays)."""
-        if self.cfg.run.step_impl != "pmap":
-            return state
-        host = st.unreplicate(state)
-        return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-                            host, self.shardings)
-
-    def put(self, batch: dict) -> dict:
-        """A host-local batch -> device arrays in the step's input layout (the transfer starts now)."""
-        if self.cfg.run.step_impl == "pmap":
-            devices = jax.local_devices()
-            return {k: jax.device_put_sharded(list(v), devices) for k, v in shd.to_pmap(batch, self.n).items()}
-        return shd.to_global(batch, self.mesh)
-
-    def step(self, state, device_batch, lr: Optional[float] = None):
-        """One step; `lr` is the rate of a wall-clock schedule (None: the optimizer's own schedule)."""
-        pmap = self.cfg.run.step_impl == "pmap"
-        if lr is None:
-            state, m = self.fn(state, device_batch)
-        elif pmap:
-            state, m = self.fn(state, device_batch, np.full(self.n, lr, np.float32))
-        else:
-            state, m = self.fn(state, device_batch, jax.device_put(np.float32(lr), shd.replicated(self.mesh)))
-        if pmap:
-            return state, jax.tree.map(lambda x: x[0], m)
-        return state, m
-
-    def host_params(self, state):
-        """The parameters as host numpy arrays (every process gets all of them)."""
-        if self.cfg.run.step_impl == "pmap":
-            return st.unreplicate(state.params)
-        return jax.tree.map(lambda x: np.asarray(x), multihost_utils.process_allgather(state.params, tiled=True))
-
-    def evaluate(self, state, batches: Iterable[dict], limit: int) -> dict:
-        total = None
-        for i, batch in enumerate(batches):
-            if i >= limit:
-                break
-            if self.cfg.run.step_impl == "pmap":
-                stats = jax.tree.map(lambda x: x[0], self.eval_fn(state.params, shd.to_pmap(batch, self.n)))
-            else:
-                stats = self.eval_fn(state.params, shd.to_global(batch, self.mesh))
-            stats = jax.device_get(stats)
-            total = stats if total is None else jax.tree.map(np.add, total, stats)
-        return {k: float(v) for k, v in st.summarize(total).items()} if total is not None else {}
 
 
 class DevicePrefetch:
@@ -231,22 +160,12 @@ def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) 
     """Train `task` under `cfg`: resume, step, log, evaluate, checkpoint. With `run.budget_minutes` the run
     stops when that much training time is spent (or at `run.steps`) and the learning rate follows the time."""
     r, c = cfg.run, cfg.checkpoint
-    resolved_mesh = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())
-    mesh = shd.make_mesh(*resolved_mesh)
+    engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
     is_main = jax.process_index() == 0
     budget_s = r.budget_minutes * 60.0
-    schedule = optim.schedule(cfg.optim, r.steps)
-    optimizer = optim.make_optimizer(cfg.optim, r.steps, budget=budget_s > 0)
-
-    abstract = st.abstract_state(task.init_params, optimizer, r.seed)
-    param_sh = shd.param_shardings(task.logical_axes, abstract.params, mesh)
-    shardings = st.state_shardings(abstract, param_sh, optimizer, mesh)
     checkpointer = ckpt.Checkpointer(c.directory or os.path.join(r.output_dir, "checkpoints"), keep=c.keep,
                                      async_save=c.async_save)
-    restored = None
-    if c.resume:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        restored = checkpointer.restore_latest(target)
+    restored = checkpointer.restore_latest(engine.target()) if c.resume else None
     spent = 0.0
     if restored is not None:
         state, data_state, meta = restored
@@ -254,16 +173,14 @@ def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) 
         spent = float(meta.get("train_seconds", 0.0))
         log.info("resumed from step %d", int(state.step))
     else:
-        state, _ = st.init_sharded_state(task.init_params, task.logical_axes, optimizer, mesh, r.seed,
-                                         params=task.initial_params)
+        state = engine.init_state(task.initial_params)
     if is_main:
         rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
 
-    engine = _Engine(cfg, task, mesh, optimizer, schedule, shardings)
     writer = mx.MetricsWriter(r.output_dir, enabled=is_main)
     peak = mx.peak_flops(jax.devices()[0].device_kind, r.peak_flops)
     start = int(state.step)
-    state = engine.to_engine(state)
+    state = engine.to_layout(state)
     bar = None
     if is_main and r.progress:
         from tqdm import tqdm
@@ -316,7 +233,7 @@ def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) 
     clock = _Clock(spent)
 
     def save(step_now: int) -> None:
-        checkpointer.save(step_now, engine.to_global(state), batches.get_state(),
+        checkpointer.save(step_now, engine.to_checkpoint(state), batches.get_state(),
                           extra={"train_seconds": clock.seconds()})
 
     def snapshot(step_now: int) -> None:

@@ -138,11 +138,10 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
 
     model, initial = model_config(cfg)
     cfg = dataclasses.replace(cfg, model=model)  # re-runs the static checks against the loaded model
-    rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())
+    mesh_shape = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())  # before preparing
     train_dir, eval_dir = _prepare_data(cfg, model)
     manifest = data.load_manifest(train_dir)
-    rc.validate_for_run(cfg, jax.device_count(), vocab_size=manifest["vocab_size"],
-                        process_count=jax.process_count())
+    rc.check_vocab_size(cfg, manifest["vocab_size"])
     if manifest["max_seq_length"] > model.max_position_embeddings:
         raise rc.ConfigError(f"{train_dir} was prepared with seq length {manifest['max_seq_length']}, longer than "
                              f"model.max_position_embeddings={model.max_position_embeddings}")
@@ -152,7 +151,7 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
     d, per_host = cfg.data, cfg.run.global_batch_size // jax.process_count()
     common = dict(batch_size=per_host, process_index=jax.process_index(), process_count=jax.process_count(),
                   masking=d.masking, packed=d.packed, tokenizer_sha256=_model_tokenizer_sha256(cfg, manifest))
-    loader = data.make_loader(train_dir, seed=d.seed, **common)
+    loader = data.make_loader(train_dir, seed=d.seed, prefetch_processes=d.loader_processes, **common)
     eval_batches = None
     if eval_dir:
         eval_manifest = data.load_manifest(eval_dir)
@@ -163,5 +162,6 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
     task = Task(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
                 logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model, d.nsp),
                 train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
+                mesh_shape=mesh_shape,
                 flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
     return cfg, task

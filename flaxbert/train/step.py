@@ -169,8 +169,9 @@ def make_sharded_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
 
     def step(state: TrainState, batch, lr=None):
         rng = jax.random.fold_in(state.rng, state.step) if dropout else None
-        grads, stats = gradients(loss_fn, state.params, batch, rng, grad_accum=grad_accum, constrain=constrain,
-                                 grad_constrain=grad_constrain)
+        with shd.activation_sharding(mesh):  # the model's block outputs keep their logical layout on the mesh
+            grads, stats = gradients(loss_fn, state.params, batch, rng, grad_accum=grad_accum,
+                                     constrain=constrain, grad_constrain=grad_constrain)
         return _apply(state, grads, stats, optimizer, schedule, nan_policy, lr)
 
     in_shardings = (shardings, batch_sh) + ((shd.replicated(mesh),) if host_lr else ())
@@ -203,23 +204,3 @@ def replicate(tree, local_devices: int):
 def unreplicate(tree):
     """The first device's copy of a pmapped tree, as numpy."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
-
-
-def abstract_state(init_params: Callable[[Array], Any], optimizer, seed: int) -> TrainState:
-    return jax.eval_shape(lambda: create_state(init_params(jax.random.PRNGKey(seed)), optimizer, seed))
-
-
-def init_sharded_state(init_params: Callable[[Array], Any], logical_specs, optimizer, mesh: Mesh, seed: int,
-                       params=None) -> tuple[TrainState, TrainState]:
-    """Create the state directly in its shardings (nothing is materialised on one device first).
-    `init_params(rng)` makes fresh parameters; pass `params` (host arrays) to start from given weights.
-    Returns (state, shardings)."""
-    abstract = abstract_state(init_params, optimizer, seed)
-    p_sh = shd.param_shardings(logical_specs, abstract.params, mesh)
-    shardings = state_shardings(abstract, p_sh, optimizer, mesh)
-    if params is None:
-        make = lambda: create_state(init_params(jax.random.PRNGKey(seed)), optimizer, seed)  # noqa: E731
-        return jax.jit(make, out_shardings=shardings)(), shardings
-    placed = jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                          params, p_sh)
-    return jax.jit(lambda p: create_state(p, optimizer, seed), out_shardings=shardings)(placed), shardings
