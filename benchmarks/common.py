@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxbert.config import BertConfig
-from flaxbert.train.metrics import peak_flops
+from flaxbert.train.writer import peak_flops
 
 
 def minilm_dir() -> Path:

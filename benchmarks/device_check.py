@@ -42,7 +42,7 @@ import numpy as np
 from benchmarks import common, finetune_sst2, peers, run
 from flaxbert import hf
 from flaxbert.config import ATTENTION_IMPLS, ConfigError
-from flaxbert.finetune import batching
+from flaxbert.infer import batching
 from flaxbert.finetune.run import TaskSettings
 from flaxbert.finetune.tasks import get_task
 from flaxbert.model import encode

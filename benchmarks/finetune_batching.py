@@ -19,8 +19,8 @@ import jax
 
 from benchmarks import common
 from flaxbert import hf
-from flaxbert.finetune import batching
-from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
+from flaxbert.infer import batching
+from flaxbert.finetune.task_data import FeatureSettings, load_task_data, make_features
 from flaxbert.finetune.run import load_config, make_loss_fn
 from flaxbert.heads import init, logical_axes
 

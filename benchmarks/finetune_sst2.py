@@ -6,7 +6,7 @@
 Contenders, on the same weights (a seeded classifier head, exported to the peers), the same sample of
 SST-2 train and the same optimizer settings:
 - flaxbert: the fine-tuning engine's packing (`task.pack`: each step's 32 examples side by side in rows
-  of 64 tokens, `flaxbert.finetune.batching`) and, separately, its length buckets; the training engine's
+  of 64 tokens, `flaxbert.infer.batching`) and, separately, its length buckets; the training engine's
   step, no host sync inside a pass;
 - HF Flax `FlaxBertForSequenceClassification` padding every example to 128 (HF's Flax GLUE example);
 - HF PyTorch `BertForSequenceClassification`, eager, random batches padded to their longest example.
@@ -30,8 +30,8 @@ import optax
 
 from benchmarks import common, peers
 from flaxbert import hf
-from flaxbert.finetune import batching
-from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
+from flaxbert.infer import batching
+from flaxbert.finetune.task_data import FeatureSettings, load_task_data, make_features
 from flaxbert.finetune.run import make_loss_fn
 from flaxbert.finetune.tasks import get_task
 from flaxbert.heads import init, logical_axes

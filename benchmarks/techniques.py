@@ -73,8 +73,8 @@ def pretraining_variants(cell: Cell) -> dict[str, tuple[str, Callable]]:
 def finetune_variants(rounds_batches: int = 16) -> dict[str, tuple[str, Callable]]:
     from benchmarks import finetune_sst2 as ft
     from flaxbert import hf
-    from flaxbert.finetune import batching
-    from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
+    from flaxbert.infer import batching
+    from flaxbert.finetune.task_data import FeatureSettings, load_task_data, make_features
     from flaxbert.finetune.tasks import get_task
 
     state = {}

@@ -136,7 +136,7 @@ def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: S
     result = loop.train(cfg, task, snapshots=hook)
     if hook.records:
         hook.records[-1]["fraction"] = 1.0
-    from flaxbert.train.metrics import latest_by_step, read_jsonl
+    from flaxbert.train.writer import latest_by_step, read_jsonl
 
     logged = latest_by_step(read_jsonl(os.path.join(cfg.run.output_dir, "metrics.jsonl")))
     for r in hook.records:

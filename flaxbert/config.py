@@ -7,14 +7,12 @@ import json
 import os
 from typing import Any, Mapping
 
+from flaxbert.errors import ConfigError
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "silu", "swish")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the value."""
 
 
 @dataclasses.dataclass(frozen=True)

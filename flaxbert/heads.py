@@ -1,8 +1,10 @@
-"""Task heads on top of the encoder, the combined module, and the functional API: `init`, `apply_head`,
-`logical_axes`. Heads return small NamedTuples."""
+"""Task heads on top of the encoder, one module per head registered in `HEAD_TABLE`, the combined module, and
+the functional API: `init`, `apply_head`, `logical_axes`. Heads return small NamedTuples. A new head is a
+module here and one line in the table (and its HF names in hf.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
@@ -14,8 +16,6 @@ from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, activat
                             encoder_inputs, gather_positions, normal_init, zeros_init)
 
 Array = jax.Array
-HEADS = ("pretraining", "masked_lm", "sequence_classification", "token_classification",
-         "question_answering", "multiple_choice")
 
 
 class PretrainingOutput(NamedTuple):
@@ -66,37 +66,90 @@ def _classifier(config: BertConfig, features: int, name: str):
                     kernel_init=normal_init(config, ("embed", "labels")), bias_init=zeros_init(("labels",)), name=name)
 
 
-class Head(nn.Module):
-    """All parameters of one head, kept under the head's name in the parameter tree."""
+class _HeadModule(nn.Module):
+    """A head's parameters, kept under the head's name in the parameter tree."""
 
     config: BertConfig
-    head: str
     num_labels: int
     deterministic: bool
 
+    def dropped(self, x):
+        return Dropout(self.config.hidden_dropout_prob)(x, deterministic=self.deterministic)
+
+
+class PretrainingHead(_HeadModule):
+    """MLM logits at the masked positions (or everywhere without them) and NSP logits on the pooled [CLS]."""
+
     @nn.compact
     def __call__(self, out, batch, attend):
-        c, head = self.config, self.head
-        drop = Dropout(c.hidden_dropout_prob)
-        if head in ("pretraining", "masked_lm"):
-            positions = batch.get("masked_lm_positions")
-            h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)
-            mlm_logits = MLMHead(c, name="mlm")(h, attend)
-            if head == "masked_lm":
-                return MaskedLMOutput(mlm_logits)
-            nsp_logits = _classifier(c, 2, "nsp")(out.pooled_output).astype(jnp.float32)
-            return PretrainingOutput(mlm_logits, nsp_logits)
-        if head == "sequence_classification":
-            pooled = drop(out.pooled_output, deterministic=self.deterministic)
-            return SequenceClassifierOutput(_classifier(c, self.num_labels, "classifier")(pooled).astype(jnp.float32))
-        if head == "token_classification":
-            seq = drop(out.last_hidden_state, deterministic=self.deterministic)
-            return TokenClassifierOutput(_classifier(c, self.num_labels, "classifier")(seq).astype(jnp.float32))
-        if head == "question_answering":
-            logits = _classifier(c, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
-            return QuestionAnsweringOutput(logits[..., 0], logits[..., 1])
-        pooled = drop(out.pooled_output, deterministic=self.deterministic)  # multiple choice
-        return MultipleChoiceOutput(_classifier(c, 1, "classifier")(pooled).astype(jnp.float32)[..., 0])
+        mlm_logits = _mlm_logits(self.config, out, batch, attend)
+        nsp_logits = _classifier(self.config, 2, "nsp")(out.pooled_output).astype(jnp.float32)
+        return PretrainingOutput(mlm_logits, nsp_logits)
+
+
+class MaskedLMHead(_HeadModule):
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        return MaskedLMOutput(_mlm_logits(self.config, out, batch, attend))
+
+
+class SequenceClassificationHead(_HeadModule):
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        pooled = self.dropped(out.pooled_output)
+        return SequenceClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(pooled)
+                                        .astype(jnp.float32))
+
+
+class TokenClassificationHead(_HeadModule):
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        seq = self.dropped(out.last_hidden_state)
+        return TokenClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(seq).astype(jnp.float32))
+
+
+class QuestionAnsweringHead(_HeadModule):
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        logits = _classifier(self.config, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
+        return QuestionAnsweringOutput(logits[..., 0], logits[..., 1])
+
+
+class MultipleChoiceHead(_HeadModule):
+    """One score per (context, choice) row; `BertWithHead` folds the rows back to [batch, choices]."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        pooled = self.dropped(out.pooled_output)
+        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(pooled).astype(jnp.float32)[..., 0])
+
+
+def _mlm_logits(config: BertConfig, out, batch, attend):
+    positions = batch.get("masked_lm_positions")
+    h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)
+    return MLMHead(config, name="mlm")(h, attend)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """A registered head: its module, whether its width is the task's label count, whether its batch has a
+    choices axis ([batch, choices, seq]), and whether it predicts at masked positions."""
+
+    module: type
+    sized_by_labels: bool = False
+    choices: bool = False
+    masked_positions: bool = False
+
+
+HEAD_TABLE: dict[str, HeadSpec] = {
+    "pretraining": HeadSpec(PretrainingHead, masked_positions=True),
+    "masked_lm": HeadSpec(MaskedLMHead, masked_positions=True),
+    "sequence_classification": HeadSpec(SequenceClassificationHead, sized_by_labels=True),
+    "token_classification": HeadSpec(TokenClassificationHead, sized_by_labels=True),
+    "question_answering": HeadSpec(QuestionAnsweringHead),
+    "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True),
+}
+HEADS = tuple(HEAD_TABLE)
 
 
 class BertWithHead(nn.Module):
@@ -110,18 +163,19 @@ class BertWithHead(nn.Module):
     @nn.compact
     def __call__(self, batch):
         inputs = encoder_inputs(batch)
+        spec = HEAD_TABLE[self.head] if self.head is not None else None
         choices = None
-        if self.head == "multiple_choice":  # [batch, choices, seq] -> [batch * choices, seq]
+        if spec is not None and spec.choices:  # [batch, choices, seq] -> [batch * choices, seq]
             choices = inputs["input_ids"].shape[1]
             inputs = {k: v.reshape((-1, v.shape[-1])) for k, v in inputs.items()}
         bert = BertEncoder(self.config, self.deterministic, name="bert")
         out = bert(**inputs, cls_positions=batch.get("cls_positions"))
-        if self.head is None:
+        if spec is None:
             return out
-        result = Head(self.config, self.head, self.num_labels, self.deterministic, name=self.head)(
+        result = spec.module(self.config, self.num_labels, self.deterministic, name=self.head)(
             out, batch, bert.embeddings.attend)
         if choices is not None:
-            result = MultipleChoiceOutput(result.logits.reshape(-1, choices))
+            result = result._replace(logits=result.logits.reshape(-1, choices))
         return result
 
 
@@ -132,17 +186,18 @@ def _check_head(head: Optional[str]) -> None:
 
 def _example_batch(config: BertConfig, head: Optional[str]) -> dict:
     seq = min(8, config.max_position_embeddings)
-    shape = (1, 2, seq) if head == "multiple_choice" else (1, seq)
+    spec = HEAD_TABLE.get(head, HeadSpec(None))
+    shape = (1, 2, seq) if spec.choices else (1, seq)
     batch = {k: jnp.zeros(shape, jnp.int32) for k in ("input_ids", "token_type_ids")}
     batch["attention_mask"] = jnp.ones(shape, jnp.int32)
-    if head in ("pretraining", "masked_lm"):
+    if spec.masked_positions:
         batch["masked_lm_positions"] = jnp.zeros((1, 2), jnp.int32)
     return batch
 
 
 def _module(config, head, num_labels, deterministic=True) -> BertWithHead:
     _check_head(head)
-    if head in ("sequence_classification", "token_classification") and num_labels < 1:
+    if head is not None and HEAD_TABLE[head].sized_by_labels and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     return BertWithHead(config, head, num_labels, deterministic)
 
@@ -177,7 +232,7 @@ def head_of(params: Mapping[str, Any]) -> Optional[str]:
 
 
 def num_labels_of(params: Mapping[str, Any], head: Optional[str]) -> int:
-    if head in ("sequence_classification", "token_classification"):
+    if head is not None and HEAD_TABLE[head].sized_by_labels:
         return int(params[head]["classifier"]["kernel"].shape[-1])
     return 2
 
@@ -189,7 +244,7 @@ def apply_head(params, batch: Mapping[str, Any], config: BertConfig, head: Optio
     _check_head(head)
     if head is not None and head not in params:
         raise InputError(f"params have no {head!r} head (found: {sorted(params)})")
-    check_batch(batch, config, seq_axis=2 if head == "multiple_choice" else 1)
+    check_batch(batch, config, seq_axis=2 if head is not None and HEAD_TABLE[head].choices else 1)
     module = _module(config, head, num_labels_of(params, head), deterministic=dropout_rng is None)
     variables = {"params": {k: params[k] for k in ("bert", head) if k is not None}}
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}

@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-from flaxbert.config import BertConfig, ConfigError
+from flaxbert.config import BertConfig
+from flaxbert.errors import ConfigError, HFLoadError
 from flaxbert.heads import HEADS, init, param_shapes
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ ARCHITECTURES = {
 }
 _HEAD_OF_ARCH = {arch.replace("Bert", "FlaxBert"): head for head, arch in ARCHITECTURES.items()}
 _HEAD_OF_ARCH.update({arch: head for head, arch in ARCHITECTURES.items()})
-
-
-class HFLoadError(ValueError):
-    """A checkpoint cannot be loaded; the message names the file or parameter."""
 
 
 @dataclasses.dataclass
@@ -277,6 +274,33 @@ def _strip_prefix(flat: dict) -> dict:
     return out
 
 
+def _stack_layers(flat: dict, config: BertConfig, ours: dict, used: set, missing: list) -> None:
+    """HF's per-layer tensors (`encoder/layer/<i>/...`) into flaxbert's stacked `layers` arrays, in place."""
+    layers = config.num_hidden_layers
+    for our, hf_suffix, to_ours, _ in _layer_rules(config):
+        names = [f"bert/encoder/layer/{i}/{hf_suffix}" for i in range(layers)]
+        found = [n for n in names if n in flat]
+        if len(found) < layers:
+            missing.extend(f"bert/encoder/layers/{our}[layer {names.index(n)}]" for n in names if n not in flat)
+            if not found:
+                continue
+        stacked = np.array(ours[f"bert/encoder/layers/{our}"])
+        for i, n in enumerate(names):
+            if n not in flat:
+                continue
+            try:
+                value = to_ours(flat[n])
+            except ValueError:
+                raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not fit "
+                                  f"{our} of shape {stacked.shape[1:]}") from None
+            if value.shape != stacked.shape[1:]:
+                raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not match the "
+                                  f"model's shape {stacked.shape[1:]}")
+            stacked[i] = value
+            used.add(n)
+        ours[f"bert/encoder/layers/{our}"] = stacked
+
+
 def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labels: int, rng,
                    on_head_mismatch: str = "reinit") -> tuple[dict, LoadReport]:
     """Place HF tensors into a freshly initialised flaxbert tree; returns (params, report)."""
@@ -305,29 +329,7 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
             used.add(key)
         else:
             missing.append(f"bert/{our}")
-    layers = config.num_hidden_layers
-    for our, hf_suffix, to_ours, _ in _layer_rules(config):
-        names = [f"bert/encoder/layer/{i}/{hf_suffix}" for i in range(layers)]
-        found = [n for n in names if n in flat]
-        if len(found) < layers:
-            missing.extend(f"bert/encoder/layers/{our}[layer {names.index(n)}]" for n in names if n not in flat)
-            if not found:
-                continue
-        stacked = np.array(ours[f"bert/encoder/layers/{our}"])
-        for i, n in enumerate(names):
-            if n in flat:
-                value = flat[n]
-                try:
-                    value = to_ours(value)
-                except ValueError:
-                    raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not fit "
-                                      f"{our} of shape {stacked.shape[1:]}") from None
-                if value.shape != stacked.shape[1:]:
-                    raise HFLoadError(f"parameter {n}: checkpoint shape {flat[n].shape} does not match the "
-                                      f"model's shape {stacked.shape[1:]}")
-                stacked[i] = value
-                used.add(n)
-        ours[f"bert/encoder/layers/{our}"] = stacked
+    _stack_layers(flat, config, ours, used, missing)
     for our, hf_name in _HEAD_RULES[head]:
         path = f"{head}/{our}"
         if hf_name in flat:
@@ -415,6 +417,46 @@ def load_tokenizer_if_present(model_dir: str):
     return load_tokenizer(model_dir)
 
 
+def encoder_parameters(config: BertConfig) -> int:
+    """The encoder's parameter count implied by a config (embeddings, layers, pooler)."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+    layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+    return embeddings + L * layer + h * h + h
+
+
+def _available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_size(config: BertConfig, flat: Mapping[str, np.ndarray], config_path: str, source: str) -> None:
+    """Refuse a config.json that does not describe the checkpoint's tensors, or whose parameters (float32, with
+    the optimizer's room ignored) would not fit in the memory available, before allocating anything."""
+    flat = _strip_prefix(dict(flat))
+    word = flat.get("bert/embeddings/word_embeddings/embedding")
+    expected = (config.vocab_size, config.hidden_size)
+    if word is not None and tuple(word.shape) != expected:
+        raise HFLoadError(f"{config_path}: vocab_size x hidden_size = {expected[0]} x {expected[1]}, but the "
+                          f"checkpoint {source} holds word embeddings of shape {tuple(word.shape)}; the config does "
+                          f"not describe these weights")
+    layers = {int(k.split("/")[3]) for k in flat if k.startswith("bert/encoder/layer/") and k.split("/")[3].isdigit()}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise HFLoadError(f"{config_path}: num_hidden_layers = {config.num_hidden_layers}, but the checkpoint "
+                          f"{source} holds {max(layers) + 1} layers")
+    need, free = 4 * encoder_parameters(config), _available_bytes()
+    if free is not None and need > free:
+        raise HFLoadError(f"{config_path}: the model it describes has {encoder_parameters(config):,} parameters "
+                          f"({need / 2**30:.1f} GiB in float32), more than the {free / 2**30:.1f} GiB of memory "
+                          f"available")
+
+
 def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optional[int] = None, *,
                     rng=None, on_head_mismatch: str = "reinit", config_overrides: Optional[dict] = None,
                     load_tokenizer: bool = True) -> PretrainedModel:
@@ -448,6 +490,7 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
     if num_labels is None:
         num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
     source, flat = read_checkpoint(model_dir)
+    check_size(config, flat, config_path, source)  # before anything of the config's size is allocated
     rng = jax.random.key(0) if rng is None else rng
     params, report = hf_to_flaxbert(flat, config, head, num_labels, rng, on_head_mismatch)
     report.source = source

@@ -92,3 +92,11 @@ def _apply() -> str:
     if not ok:
         return "system (mallopt refused a setting)"
     return "reuse (glibc mallopt: arena_max=1, mmap_max=0, no trimming, top_pad=64 MiB)"
+
+
+def configure_logging() -> None:
+    """An entry point's logging: INFO and up on stderr with a timestamp (results stay on stdout); the chatty
+    libraries at WARNING. Does nothing to a process that has configured logging already."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

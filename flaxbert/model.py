@@ -18,15 +18,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from flaxbert import sharding as shd
-from flaxbert.config import BertConfig, ConfigError
+from flaxbert.config import BertConfig
+from flaxbert.errors import ConfigError, InputError
 
 Array = jax.Array
 REPLICATED = PartitionSpec()  # a parameter gathered whole on every device
 ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "instance_ids")
-
-
-class InputError(ValueError):
-    """A batch does not fit the model (shape, dtype or id range); the message names the key."""
 
 
 class EncoderOutput(NamedTuple):

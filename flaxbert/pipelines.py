@@ -19,11 +19,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from flaxbert import hf, metrics
-from flaxbert.finetune import batching
-from flaxbert.finetune import evaluate as E
-from flaxbert.finetune import features as F
-from flaxbert.finetune.readers import QAExample, TextExample
+from flaxbert import hf, scores
+from flaxbert.infer import batching
+from flaxbert.infer import features as F
+from flaxbert.infer.examples import QAExample, TextExample
+from flaxbert.infer.predict import make_forward, run_model
 
 TASKS = {"text-classification": "sequence_classification", "sentiment-analysis": "sequence_classification",
          "ner": "token_classification", "token-classification": "token_classification",
@@ -43,11 +43,11 @@ class _Pipeline:
         self.model, self.batch_size = model, batch_size
         self.max_length = min(max_length, model.config.max_position_embeddings)
         self.boundaries = batching.bucket_boundaries(self.max_length)
-        self.forward = E.make_forward(model.config, model.head)
+        self.forward = make_forward(model.config, model.head)
         self.labels = _label_names(model)
 
     def _run(self, feats: list[dict], seq_outputs: bool) -> list[tuple]:
-        return E.run_model(self.forward, self.model.params, feats, self.batch_size, self.boundaries, seq_outputs).rows
+        return run_model(self.forward, self.model.params, feats, self.batch_size, self.boundaries, seq_outputs).rows
 
 
 class TextClassificationPipeline(_Pipeline):
@@ -63,7 +63,7 @@ class TextClassificationPipeline(_Pipeline):
             if len(logits) == 1:  # regression
                 out.append({"score": float(logits[0])})
                 continue
-            probs = metrics.softmax(logits)
+            probs = scores.softmax(logits)
             order = np.argsort(-probs)[:top_k]
             ranked = [{"label": self.labels[i], "score": float(probs[i])} for i in order]
             out.append(ranked[0] if top_k == 1 else ranked)
@@ -86,7 +86,7 @@ class NERPipeline(_Pipeline):
             feat = {"input_ids": np.asarray(enc["input_ids"], np.int32),
                     "token_type_ids": np.asarray(enc["token_type_ids"], np.int32)}
             (logits,) = self._run([feat], seq_outputs=True)[0]
-            probs = metrics.softmax(logits)
+            probs = scores.softmax(logits)
             # character span and first sub-token of every word
             spans, first = [[None, None] for _ in range(n_words)], [None] * n_words
             for pos, w in enumerate(word_ids):
@@ -98,7 +98,7 @@ class NERPipeline(_Pipeline):
                 spans[w][1] = e
             tags = [self.labels[int(probs[first[w]].argmax())] for w in range(n_words)]
             entities = []
-            for type_, a, b in metrics.get_entities(tags):
+            for type_, a, b in scores.get_entities(tags):
                 start, end = spans[a][0], spans[b][1]
                 score = float(np.mean([probs[first[w]].max() for w in range(a, b + 1)]))
                 entities.append({"entity": type_, "word": text[start:end], "start": int(start), "end": int(end),

@@ -7,7 +7,6 @@ Rerunning the same command resumes from the latest good checkpoint.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -48,20 +47,17 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from flaxbert import host
     from flaxbert import run_config as rc
 
     # transformers (used here for tokenizers only) advises at import that it found no PyTorch: not for this run
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    host.configure_logging()
     try:
         cfg = rc.load(*parse_args(sys.argv[1:] if argv is None else argv))
     except rc.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-
-    from flaxbert import host
 
     host.reuse_freed_memory()  # before XLA starts its threads: see flaxbert/host.py
     from flaxbert.train import loop  # imports jax: after the config is known to be good
@@ -84,13 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import jax
 
     if jax.process_index() != 0:  # logging from process 0 only
-        return 1 if result.reason == "nonfinite" else 0
+        return 1 if result.reason in ("nonfinite", "diverged") else 0
     m = result.last_metrics
     summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "mlm_accuracy", "nsp_accuracy", "eval_mlm_accuracy")
                         if k in m)
     print(f"{result.reason} at step {result.step}: {summary}. Outputs in {cfg.run.output_dir}"
           + (f"\n{result.message}" if result.message else ""))
-    return 1 if result.reason == "nonfinite" else 0
+    return 1 if result.reason in ("nonfinite", "diverged") else 0
 
 
 if __name__ == "__main__":

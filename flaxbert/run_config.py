@@ -17,7 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from flaxbert.config import BertConfig, ConfigError
+from flaxbert.config import BertConfig
+from flaxbert.data.shards import PrepareSettings
+from flaxbert.errors import ConfigError, DataError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -46,6 +48,13 @@ class DataConfig:
     seed: int = 12345  # data order and masking; independent of run.seed
     loader_processes: int = 0  # > 0: training batches made in this many worker processes (GIL-free; each
     # opens the data itself); 0: in two threads of the training process. Batches are the same either way.
+
+    def prepare_settings(self) -> PrepareSettings:
+        """The settings `flaxbert.data.prepare` makes instances with (checked there, in one place)."""
+        return PrepareSettings(max_seq_length=self.seq_len, max_predictions_per_seq=self.max_predictions_per_seq,
+                               masked_lm_prob=self.masked_lm_prob, short_seq_prob=self.short_seq_prob,
+                               dupe_factor=self.dupe_factor, whole_word_masking=self.whole_word_masking,
+                               seed=self.seed, nsp=self.nsp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +131,8 @@ class RunSettings:
     eval_every: int = 300  # 0 disables held-out evaluation
     eval_batches: int = 8
     nan_policy: str = "stop"  # stop | skip (skip leaves the state unchanged for a non-finite step)
+    spike_factor: float = 0.0  # > 0: a loss above this many times the median of the last 100 logged-finite steps,
+    spike_steps: int = 3  # ... this many steps in a row, is divergence: the run stops (nan_policy=stop) or warns
     init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device in the table
     progress: bool = True  # tqdm progress bar on process 0
@@ -154,11 +165,12 @@ class RunConfig:
                 raise ConfigError(f"{section}.{key}={value!r} is not one of {allowed}")
         positive = {"run.steps": r.steps, "run.global_batch_size": r.global_batch_size,
                     "run.grad_accum": r.grad_accum, "run.log_every": r.log_every,
-                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
-                    "data.seq_len": d.seq_len, "data.max_predictions_per_seq": d.max_predictions_per_seq,
-                    "data.dupe_factor": d.dupe_factor}
+                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
         if r.prefetch < 0:
             raise ConfigError(f"run.prefetch must be >= 0, got {r.prefetch}")
+        if not (r.spike_factor == 0 or 1 < r.spike_factor < float("inf")) or r.spike_steps < 1:
+            raise ConfigError(f"run.spike_factor must be 0 (off) or > 1 and run.spike_steps >= 1, got "
+                              f"{r.spike_factor} and {r.spike_steps}")
         if not 0 <= r.budget_minutes < float("inf"):  # written so that NaN fails too
             raise ConfigError(f"run.budget_minutes must be >= 0 (0: no budget), got {r.budget_minutes}")
         if not 0 <= o.warmup_fraction < 1:
@@ -180,9 +192,12 @@ class RunConfig:
         if d.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={d.seq_len} is longer than model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
-        if not 0 < d.masked_lm_prob < 1 or not 0 <= d.eval_fraction < 1:
-            raise ConfigError(f"data.masked_lm_prob must be in (0, 1) and data.eval_fraction in [0, 1) "
-                              f"(got {d.masked_lm_prob}, {d.eval_fraction})")
+        if not 0 <= d.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+        try:
+            d.prepare_settings()  # the instance settings' own checks (max_seq_length, masked_lm_prob, ...)
+        except DataError as e:
+            raise ConfigError(f"data: {e}") from None
         if d.loader_processes < 0:
             raise ConfigError(f"data.loader_processes must be >= 0, got {d.loader_processes}")
 
@@ -263,6 +278,33 @@ def _model_from(values: Mapping[str, Any], base: BertConfig) -> BertConfig:
     return base.replace(**typed)
 
 
+def section_from_dict(section: str, values: Mapping[str, Any], base: Any) -> Any:
+    """A section's frozen dataclass `base` with `values` applied: every key must be one of its fields (else an
+    error naming the nearest valid key) and every value is converted to the field's type; the dataclass's own
+    `__post_init__` validates the result. Used for run_config's sections and for other entry points' own
+    (fine-tuning's `task`)."""
+    fields = _fields(type(base))
+    for key in values:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            raise ConfigError(f"unknown config key '{section}.{key}'" + (
+                f"; did you mean '{section}.{near[0]}'?" if near else f"; valid: {sorted(fields)}"))
+    return dataclasses.replace(base, **{k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()})
+
+
+def merge_sources(defaults: Mapping[str, Mapping], sources: Sequence[Mapping]) -> dict:
+    """{section: {key: value}} trees merged in order (later ones win key by key)."""
+    merged: dict = {k: dict(v) for k, v in defaults.items()}
+    for src in sources:
+        for section, values in src.items():
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
 def from_dict(tree: Mapping[str, Any], base: Optional[RunConfig] = None) -> RunConfig:
     """Apply a nested {section: {key: value}} mapping on top of `base` (default: the demo)."""
     base = base or RunConfig()
@@ -280,12 +322,11 @@ def from_dict(tree: Mapping[str, Any], base: Optional[RunConfig] = None) -> RunC
         if section == "model":
             sections["model"] = _model_from(values, base.model)
             continue
-        cls, fields = _SECTION_TYPES[section], _fields(_SECTION_TYPES[section])
+        fields = _fields(_SECTION_TYPES[section])
         for key in values:
             if key not in fields:
                 raise _unknown(f"{section}.{key}")
-        typed = {k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()}
-        sections[section] = dataclasses.replace(getattr(base, section), **typed)
+        sections[section] = section_from_dict(section, values, getattr(base, section))
     return dataclasses.replace(base, **sections)
 
 

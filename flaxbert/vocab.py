@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
+from flaxbert.data.corpus import iter_texts
+from flaxbert.errors import DataError, VocabError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's ids 0..4 in a trained vocab
-
-
-class VocabError(ValueError):
-    """A tokenizer directory or vocabulary cannot be used; the message names the path."""
 
 
 def _vocab_is_uncased(vocab_file: Path) -> bool:
@@ -100,8 +99,6 @@ def train_wordpiece(files: str | os.PathLike | Sequence[str | os.PathLike], voca
     """
     from tokenizers import trainers
     from transformers import BertTokenizerFast
-
-    from flaxbert.data.corpus import iter_texts
 
     if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
         raise VocabError(f"vocab_size must be an integer above {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
@@ -187,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--limit-alphabet", type=int, default=1000)
     args = parser.parse_args(argv)
-    from flaxbert.data.corpus import DataError, iter_texts
 
     try:
         tokenizer = train_wordpiece(args.corpus, args.vocab_size, args.out, lowercase=not args.cased,

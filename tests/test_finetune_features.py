@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaxbert import metrics
-from flaxbert.finetune import batching
-from flaxbert.finetune import features as F
-from flaxbert.finetune.readers import QAExample, TextExample, TokenExample, read_squad
+from flaxbert import scores
+from flaxbert.infer import batching
+from flaxbert.infer import features as F
+from flaxbert.finetune.readers import read_squad
+from flaxbert.infer.examples import QAExample, TextExample, TokenExample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -71,7 +72,7 @@ def test_squad_training_positions_recover_the_answer(tokenizer, squad_slice):
         span = ex.context[f["offsets"][a, 0]:f["offsets"][b, 1]]
         # the token span covers the answer and no more than the word pieces around it
         assert f["offsets"][a, 0] <= start and f["offsets"][b, 1] >= start + len(text)
-        squeeze = lambda t: metrics.normalize_answer(t).replace(" ", "")  # noqa: E731
+        squeeze = lambda t: scores.normalize_answer(t).replace(" ", "")  # noqa: E731
         assert squeeze(text) in squeeze(span)
     assert inside >= len(squad_slice) * 0.8
 
@@ -90,8 +91,8 @@ def test_squad_end_to_end_with_oracle_logits(tokenizer, squad_slice):
         starts.append(st)
         ends.append(en)
     preds = F.qa_postprocess(squad_slice, eval_feats, starts, ends, s)
-    gold = [metrics.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in squad_slice]
-    result = metrics.squad_evaluate(gold, {q: p.text for q, p in preds.items()})
+    gold = [scores.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in squad_slice]
+    result = scores.squad_evaluate(gold, {q: p.text for q, p in preds.items()})
     # a token can be wider than its answer (gold "8" inside the token "18", "gold" in "golden"): 6 of these
     # 150 questions are such, so the oracle is a little below 100
     assert result["f1"] > 95 and result["exact"] > 95
@@ -189,8 +190,8 @@ def test_squad_v2_null_answers_end_to_end_with_oracle_logits(tokenizer, squad_sl
         starts.append(st)
         ends.append(en)
     preds = F.qa_postprocess(examples, eval_feats, starts, ends, s, version_2=True)
-    gold = [metrics.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
-    out = metrics.squad_evaluate(gold, {q: p.text for q, p in preds.items()}, "2.0",
+    gold = [scores.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
+    out = scores.squad_evaluate(gold, {q: p.text for q, p in preds.items()}, "2.0",
                                  null_probs={q: p.null_score_diff for q, p in preds.items()})
     assert out["NoAns_exact"] == 100.0 and out["NoAns_total"] == 20
     # below 100 for the same token-granularity cases as in v1, plus answers that no 96-token window holds

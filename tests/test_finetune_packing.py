@@ -1,4 +1,4 @@
-"""Packed fine-tuning batches (flaxbert/finetune/batching.py): the same examples, the same loss and
+"""Packed fine-tuning batches (flaxbert/infer/batching.py): the same examples, the same loss and
 gradients as unpacked batches, on the real MiniLM weights and real SST-2 / STS-B sentences."""
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert.finetune import batching
-from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
+from flaxbert.infer import batching
+from flaxbert.finetune.task_data import FeatureSettings, load_task_data, make_features
 from flaxbert.finetune.run import make_loss_fn
 from flaxbert.finetune.tasks import get_task
 from flaxbert.heads import apply_head

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flaxbert.finetune import readers
-from flaxbert.finetune.data import Columns, load_task_data, locate_files
+from flaxbert.finetune.task_data import Columns, load_task_data, locate_files
 from flaxbert.finetune.readers import DataError
 from flaxbert.finetune.tasks import GLUE_TASKS, get_task
 
@@ -91,7 +91,7 @@ def test_mnli_and_qqp_layouts(tmp_path):
 # ----- bad input ---------------------------------------------------------------------------------
 
 def test_label_outside_label_set_names_file_and_line(tmp_path):
-    from flaxbert.finetune.data import FeatureSettings, make_features
+    from flaxbert.finetune.task_data import FeatureSettings, make_features
 
     d = _write_glue(tmp_path, "SST-2", ["sentence", "label"], [["good", "1"], ["bad", "0"], ["meh", "2"]])
     td = load_task_data(get_task("sst2"), str(d))
@@ -164,6 +164,19 @@ def test_custom_csv_jsonl_and_label_names_from_data(tmp_path):
     spec = f"train={tmp_path / 'train.csv'},dev={tmp_path / 'dev.jsonl'}"
     train, evals = locate_files(get_task("text_classification"), spec)
     assert train.name == "train.csv" and evals[0][0] == "dev"
+
+
+def test_labels_that_are_one_number_in_several_spellings_are_one_class(tmp_path):
+    """JSONL 1, "1", 1.0 and true are the class "1"; CSV "1" and "1.0" too; other text stays as written."""
+    rows = [1, "1", 1.0, True, 0, "0.0", False, 2.5, "cat"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": v}) + "\n"
+                                                  for i, v in enumerate(rows)))
+    (tmp_path / "dev.csv").write_text("text,label\na,1\nb,1.0\nc, 0 \nd,2.50\ne,cat\n")
+    td = load_task_data(get_task("text_classification"), str(tmp_path))
+    assert [ex.label for ex in td.train] == ["1", "1", "1", "1", "0", "0", "0", "2.5", "cat"]
+    assert [ex.label for ex in td.evals["dev"]] == ["1", "1", "0", "2.5", "cat"]
+    assert td.task.labels == ("0", "1", "2.5", "cat")
+    assert readers.class_name("nan") == "nan" and readers.class_name(" positive ") == "positive"
 
 
 def test_swag_reader(tmp_path):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import flaxbert
-from flaxbert import hf, metrics
+from flaxbert import hf, scores
 from flaxbert.finetune import __main__ as cli
-from flaxbert.finetune import batching
-from flaxbert.finetune.data import FeatureSettings, load_task_data, make_features
+from flaxbert.infer import batching
+from flaxbert.finetune.task_data import FeatureSettings, load_task_data, make_features
 from flaxbert.finetune.run import evaluate_model, finetune, load_config, load_model, make_loss_fn
 from flaxbert.finetune.tasks import get_task
 
@@ -103,7 +103,7 @@ def test_ner_end_to_end_writes_entity_report(tmp_path, tiny):
     preds = [json.loads(line) for line in (out / "valid_predictions.jsonl").read_text().splitlines()]
     gold = load_task_data(get_task("conll2003"), str(DATA / "conll2003"), with_train=False, max_eval=48).evals["valid"]
     assert [p["words"] for p in preds] == [ex.words for ex in gold]
-    ref = metrics.entity_report([ex.tags for ex in gold], [p["tags"] for p in preds])["micro avg"]
+    ref = scores.entity_report([ex.tags for ex in gold], [p["tags"] for p in preds])["micro avg"]
     assert result.metrics["valid"]["f1"] == pytest.approx(ref.f1)
     assert "micro avg" in (out / "valid_entities.txt").read_text()
     assert "test" in result.metrics
@@ -142,19 +142,20 @@ def test_squad_slice_end_to_end(tmp_path, tiny):
     for ex in examples:
         p = preds[ex.qid]
         assert ex.context[p["start"]:p["end"]] == p["text"]
-    gold = [metrics.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
-    ref = metrics.squad_evaluate(gold, {q: p["text"] for q, p in preds.items()})
+    gold = [scores.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
+    ref = scores.squad_evaluate(gold, {q: p["text"] for q, p in preds.items()})
     assert result.metrics["dev"]["f1"] == pytest.approx(ref["f1"])
 
 
-def test_head_with_other_label_count_is_reinitialised_or_refused(tmp_path, minilm_dir, capsys):
+def test_head_with_other_label_count_is_reinitialised_or_refused(tmp_path, minilm_dir, caplog):
     three_way = make_tiny_model(tmp_path / "m3", minilm_dir, head="sequence_classification", num_labels=3)
     binary = get_task("sst2")
     model = load_model(binary, load_config(tree={"task": {"model": str(three_way)}}).task)
     assert model.num_labels == 2
-    assert "head is newly initialised" in capsys.readouterr().out
+    assert "head is newly initialised" in caplog.text
+    caplog.clear()
     same = load_model(get_task("mnli"), load_config(tree={"task": {"model": str(three_way)}}).task)
-    assert same.num_labels == 3 and "newly initialised" not in capsys.readouterr().out
+    assert same.num_labels == 3 and "newly initialised" not in caplog.text
     from flaxbert.finetune.readers import DataError
     with pytest.raises(DataError, match="m3"):
         load_model(binary, load_config(tree={"task": {"model": str(three_way), "on_head_mismatch": "error"}}).task)
@@ -170,7 +171,7 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path, tiny, capsys):
     assert "dev.csv:3: label 'maybe' is not in the label set ['neg', 'pos']" in err
 
 
-def test_model_from_a_pretraining_run_directory(tmp_path, minilm_dir, capsys):
+def test_model_from_a_pretraining_run_directory(tmp_path, minilm_dir, caplog):
     """`--model` may be a `python -m flaxbert.pretrain` output dir: its latest checkpoint's encoder."""
     import orbax.checkpoint as ocp
     from flaxbert import pretrain
@@ -181,7 +182,7 @@ def test_model_from_a_pretraining_run_directory(tmp_path, minilm_dir, capsys):
                           "--model.hidden_size=64", "--model.num_attention_heads=2", "--model.intermediate_size=128",
                           "--data.seq_len=32", "--run.global_batch_size=8", "--data.max_predictions_per_seq=5"]) == 0
     model = load_model(get_task("sst2"), load_config(tree={"task": {"model": str(run)}}).task)
-    assert "sequence_classification head is newly initialised" in capsys.readouterr().out
+    assert "sequence_classification head is newly initialised" in caplog.text
     assert model.tokenizer is not None and model.config.hidden_size == 64
     # the encoder is the step-2 checkpoint's, read here straight from orbax's files
     raw = ocp.StandardCheckpointer().restore(run / "checkpoints" / "2" / "state")
@@ -214,7 +215,7 @@ def test_swag_multiple_choice_end_to_end(tmp_path, tiny):
 
 @needs_data
 def test_feature_extraction_and_frozen_encoder(tmp_path, tiny):
-    from flaxbert.finetune.features_extraction import extract_and_fit
+    from flaxbert.finetune.linear_probe import extract_and_fit
 
     cfg = quick_config(tmp_path, "emotion", tiny, DATA / "emotion", max_train_examples=120)
     report = extract_and_fit(cfg, pooling="mean")

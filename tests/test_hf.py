@@ -161,6 +161,25 @@ def test_parameter_shape_mismatch_names_both_shapes(tmp_path, minilm_dir):
         load_pretrained(str(tmp_path), load_tokenizer=False)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": 12_000_000, "num_attention_heads": 12}, r"vocab_size x hidden_size = 30522 x 12000000.*"
+                                                             r"word embeddings of shape \(30522, 384\)"),
+    ({"num_hidden_layers": 9}, r"num_hidden_layers = 9.*holds 6 layers"),
+    ({"intermediate_size": 10 ** 12}, r"parameters \(.* GiB in float32\), more than the .* GiB of memory available"),
+])
+def test_a_config_that_does_not_fit_its_weights_or_the_memory_is_refused_before_allocating(tmp_path, minilm_dir,
+                                                                                         change, message):
+    """Without the check, hidden_size 12,000,000 hung while the new parameters were built."""
+    import time
+    shutil.copy(minilm_dir / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = json.loads((minilm_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    start = time.perf_counter()
+    with pytest.raises(HFLoadError, match=message):
+        load_pretrained(str(tmp_path), load_tokenizer=False)
+    assert time.perf_counter() - start < 30
+
+
 class _Payload:
     """Unpickling this would create a file: proof of code execution if the loader ever ran it."""
 

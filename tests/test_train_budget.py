@@ -17,7 +17,7 @@ from flaxbert import run_config as rc
 from flaxbert import sharding as shd
 from flaxbert.train import loop, optim
 from flaxbert.train import step as st
-from flaxbert.train.metrics import latest_by_step, read_jsonl
+from flaxbert.train.writer import latest_by_step, read_jsonl
 from flaxbert.train.pretraining import make_loss_fn, packaged_corpus
 from flaxbert.train.engine import init_sharded_state
 from train_helpers import synthetic_batch, tiny_config

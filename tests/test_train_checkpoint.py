@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flaxbert.train.checkpoint import CheckpointError, Checkpointer, CheckpointWarning
-from flaxbert.train.metrics import latest_by_step, read_jsonl
+from flaxbert.train.writer import latest_by_step, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from flaxbert.train.metrics import latest_by_step, read_jsonl
+from flaxbert.train.writer import latest_by_step, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PINNED = Path(__file__).parent / "resources" / "demo-losses-20.json"

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from flaxbert.config import BertConfig
-from flaxbert.train import metrics as mx
+from flaxbert.train import writer as mx
 
 
 def test_peak_flops_table_and_override():

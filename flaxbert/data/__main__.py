@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from flaxbert.data.corpus import FORMATS, DataError
-from flaxbert.vocab import VocabError
+from flaxbert.data.corpus import FORMATS
+from flaxbert.errors import DataError, VocabError
 
 
 def main(argv=None) -> int:

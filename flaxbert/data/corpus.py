@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from flaxbert.errors import DataError
+
 FORMATS = ("bert", "lines", "wikitext", "jsonl", "csv", "tsv", "parquet", "hf", "tfds")
 _EXTENSIONS = {".txt": "bert", ".tokens": "wikitext", ".raw": "wikitext", ".jsonl": "jsonl", ".json": "jsonl",
                ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Bad input data or settings; the message names the file (and line) where it applies."""
 
 
 @dataclass(frozen=True)

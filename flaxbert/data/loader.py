@@ -33,9 +33,9 @@ import numpy as np
 
 from flaxbert import host
 from flaxbert.data import packing
-from flaxbert.data.corpus import DataError
 from flaxbert.data.masking import derive_key, mask_batch, place
 from flaxbert.data.shards import SHARD_ARRAYS, load_manifest, masking_config
+from flaxbert.errors import DataError
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
               "masked_lm_weights", "next_sentence_labels")

@@ -29,10 +29,12 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from flaxbert.data.corpus import DataError, expand, read_documents
+from flaxbert.data.corpus import expand, read_documents
 from flaxbert.data.instances import (Assembled, InstanceConfig, TokenizedCorpus, assemble, continuation_ids,
                                      document_spans, tokenize_sentences)
 from flaxbert.data.masking import MaskingConfig, derive_key, mask_batch
+from flaxbert.errors import DataError
+from flaxbert.vocab import load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SHARD_ARRAYS = ("tokens", "word_starts", "offsets", "a_lengths", "is_random_next", "target_lengths",
@@ -312,16 +314,30 @@ def _write_shard(args) -> dict:
     return {"name": name, **writer.close(), "documents": (doc_hi - doc_lo) * manifest["dupe_factor"]}
 
 
-def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, dupe_factor):
-    checks = [(max_seq_length >= 5, f"max_seq_length must be at least 5, got {max_seq_length}"),
-              (max_predictions_per_seq >= 1,
-               f"max_predictions_per_seq must be positive, got {max_predictions_per_seq}"),
-              (0.0 < masked_lm_prob < 1.0, f"masked_lm_prob must be in (0, 1), got {masked_lm_prob}"),
-              (0.0 <= short_seq_prob <= 1.0, f"short_seq_prob must be in [0, 1], got {short_seq_prob}"),
-              (dupe_factor >= 1, f"dupe_factor must be positive, got {dupe_factor}")]
-    for ok, message in checks:
-        if not ok:
-            raise DataError(message)
+@dataclasses.dataclass(frozen=True)
+class PrepareSettings:
+    """What shapes the prepared instances (and goes into the manifest); checked when made."""
+
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 1
+    whole_word_masking: bool = False
+    seed: int = 12345
+    nsp: bool = True  # False: single-segment instances for MLM-only pretraining (no random-next pairs)
+
+    def __post_init__(self):
+        checks = [(self.max_seq_length >= 5, f"max_seq_length must be at least 5, got {self.max_seq_length}"),
+                  (self.max_predictions_per_seq >= 1,
+                   f"max_predictions_per_seq must be positive, got {self.max_predictions_per_seq}"),
+                  (0.0 < self.masked_lm_prob < 1.0, f"masked_lm_prob must be in (0, 1), got {self.masked_lm_prob}"),
+                  (0.0 <= self.short_seq_prob <= 1.0,
+                   f"short_seq_prob must be in [0, 1], got {self.short_seq_prob}"),
+                  (self.dupe_factor >= 1, f"dupe_factor must be positive, got {self.dupe_factor}")]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(message)
 
 
 def _corpus_bytes(specs: Sequence[str]) -> float:
@@ -329,22 +345,24 @@ def _corpus_bytes(specs: Sequence[str]) -> float:
     return sum(math.inf if s.startswith(("hf:", "tfds:")) else os.path.getsize(s) for s in specs)
 
 
-def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike, *,
-            corpus_format: str | None = None, text_column: str = "text", max_seq_length: int = 128,
-            max_predictions_per_seq: int = 20, masked_lm_prob: float = 0.15, short_seq_prob: float = 0.1,
-            dupe_factor: int = 1, whole_word_masking: bool = False, seed: int = 12345, nsp: bool = True,
+def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, out_dir: str | os.PathLike,
+            settings: PrepareSettings | None = None, *, corpus_format: str | None = None, text_column: str = "text",
             num_shards: int | None = None, workers: int | None = None, model_vocab_size: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, progress: bool = True, **instance_settings) -> dict:
     """Prepare `corpus` for pretraining into `out_dir` and return the manifest (also written as manifest.json).
 
-    `tokenizer` is a tokenizer directory or a loaded fast HF tokenizer. `workers=None` uses every core for
-    corpora over ~4 MB (one process below that, where starting workers costs more than it saves).
-    `model_vocab_size`, when given, must hold the tokenizer's vocabulary. `nsp=False` writes single-segment
-    instances for MLM-only pretraining (no random-next pairs).
+    `settings` (a `PrepareSettings`), or its fields as keywords (`max_seq_length=128, nsp=False, ...`), shape the
+    instances. `tokenizer` is a tokenizer directory or a loaded fast HF tokenizer. `workers=None` uses every core
+    for corpora over ~4 MB (one process below that, where starting workers costs more than it saves).
+    `model_vocab_size`, when given, must hold the tokenizer's vocabulary.
     """
-    from flaxbert.vocab import load_tokenizer, tokenizer_fingerprint
-
-    _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, dupe_factor)
+    if settings is not None and instance_settings:
+        raise TypeError("give prepare() a PrepareSettings or its fields as keywords, not both")
+    try:
+        settings = settings or PrepareSettings(**instance_settings)
+    except TypeError as e:
+        fields = [f.name for f in dataclasses.fields(PrepareSettings)]
+        raise TypeError(f"prepare(): {e}; the instance settings are {fields}") from None
     tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else getattr(
         tokenizer, "name_or_path", "tokenizer")
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -365,9 +383,7 @@ def prepare(corpus: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, 
         "token_dtype": "uint16" if vocab_size <= 65535 else "int32",
         "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id, "mask_id": tokenizer.mask_token_id,
         "pad_id": tokenizer.pad_token_id, "special_ids": sorted(set(tokenizer.all_special_ids)),
-        "max_seq_length": max_seq_length, "max_predictions_per_seq": max_predictions_per_seq,
-        "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
-        "whole_word_masking": whole_word_masking, "seed": seed, "nsp": bool(nsp),
+        **dataclasses.asdict(settings),
     }
     out = Path(out_dir)
     partial = _partial_output_dir(out, overwrite)

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 from typing import Sequence
+from flaxbert.errors import ConfigError, DataError
 
-from flaxbert.config import ConfigError
-from flaxbert.finetune.readers import DataError
 
 # short flags -> dotted config keys
 FLAGS = {"task": "task.name", "model": "task.model", "data": "task.data", "output_dir": "run.output_dir",
@@ -33,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     from flaxbert import host
 
+    host.configure_logging()  # progress and notices on stderr; the results below on stdout
+
     host.reuse_freed_memory()  # before XLA starts its threads: see flaxbert/host.py
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
     if args.freeze_encoder:
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(evaluate_model(cfg), indent=2))
             return 0
         if args.features:
-            from flaxbert.finetune.features_extraction import extract_and_fit
+            from flaxbert.finetune.linear_probe import extract_and_fit
 
             report = extract_and_fit(cfg, pooling=args.pooling)
             print(json.dumps(report["metrics"], indent=2))

@@ -1,63 +1,17 @@
-"""Forward passes over bucketed batches, task metrics on the outputs, and the output files
-(metrics JSON, predictions JSONL, confusion-matrix PNG, per-entity report)."""
+"""Task metrics on a model's outputs (scored by the task's kind) and the output files (metrics JSON,
+predictions JSONL, confusion-matrix PNG, per-entity report). The forward passes are `flaxbert.infer.predict`."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import jax
-import numpy as np
-
-from flaxbert import metrics
-from flaxbert.finetune import batching
-from flaxbert.finetune import features as F
+from flaxbert import scores
 from flaxbert.finetune.kinds import EvalResult, EvalSettings
 from flaxbert.finetune.tasks import Task
-from flaxbert.heads import apply_head
-from flaxbert.model import ENCODER_KEYS
-
-
-def make_forward(config, head: str) -> Callable:
-    """A jitted deterministic forward pass returning the head's logits as a tuple of arrays."""
-    @jax.jit
-    def forward(params, batch):
-        return tuple(apply_head(params, batch, config, head=head))
-    return forward
-
-
-@dataclasses.dataclass
-class Outputs:
-    """Per-feature model outputs (numpy, cut to the feature's own length) and throughput."""
-    rows: list[tuple[np.ndarray, ...]]
-    real_tokens: int
-    seconds: float
-
-
-def run_model(forward: Callable, params, features: Sequence[dict], batch_size: int, boundaries: Sequence[int],
-              seq_outputs: bool, progress: bool = False, desc: str = "eval") -> Outputs:
-    """Outputs per feature. `seq_outputs`: the head's outputs have a sequence axis (token and span
-    logits), which is cut back from the bucket length to the feature's length."""
-    rows: list = [None] * len(features)
-    n_batches = batching.num_batches(features, batch_size, boundaries)
-    batches = batching.make_batches(features, batch_size, boundaries)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, total=n_batches, desc=desc, leave=False)
-    tokens, start = 0, time.perf_counter()
-    for batch in batches:
-        inputs = {k: batch[k] for k in ENCODER_KEYS if k in batch}
-        out = [np.asarray(x) for x in jax.device_get(forward(params, inputs))]
-        tokens += batching.real_tokens(batch)
-        for row, idx in enumerate(batch["index"]):
-            if idx < 0:
-                continue
-            n = features[idx]["input_ids"].shape[-1]
-            rows[idx] = tuple(o[row, :n] if seq_outputs else o[row] for o in out)
-    return Outputs(rows, tokens, time.perf_counter() - start)
+from flaxbert.infer import features as F
+from flaxbert.infer.predict import Outputs
 
 
 def evaluate(task: Task, examples: Sequence, features: Sequence[dict], outputs: Outputs,
@@ -81,7 +35,7 @@ def write_outputs(result: EvalResult, task: Task, out_dir: str, name: str, extra
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     if result.confusion is not None:
         paths["confusion"] = os.path.join(out_dir, f"{name}_confusion.png")
-        metrics.save_confusion_matrix_png(result.confusion, list(task.labels), paths["confusion"],
+        scores.save_confusion_matrix_png(result.confusion, list(task.labels), paths["confusion"],
                                           title=f"{task.name} {name}")
     if result.entity_report is not None:
         paths["entities"] = os.path.join(out_dir, f"{name}_entities.txt")

@@ -8,59 +8,18 @@ a bad label or a malformed row is reported with its file and line. Nothing here 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-# One error type for unusable input data, shared with the pretraining corpus readers.
-from flaxbert.data.corpus import DataError, iter_jsonl
+from flaxbert.data.corpus import iter_jsonl
+from flaxbert.errors import DataError
+from flaxbert.infer.examples import ChoiceExample, Label, QAExample, TextExample, TokenExample
 
 csv.field_size_limit(sys.maxsize)  # SQuAD-like contexts and long GLUE sentences exceed the default
-
-Label = Union[str, float, None]
-
-
-@dataclasses.dataclass
-class TextExample:
-    """A single sentence or a sentence pair with a class name (str), a score (float) or no label."""
-    text: str
-    text_pair: Optional[str]
-    label: Label
-    where: str  # "file:line" for error messages and prediction files
-
-
-@dataclasses.dataclass
-class TokenExample:
-    """A pre-tokenised sentence with one tag per word (CoNLL)."""
-    words: list[str]
-    tags: Optional[list[str]]
-    where: str
-
-
-@dataclasses.dataclass
-class QAExample:
-    """One SQuAD question. `answers` holds (text, char_start) pairs; none for unanswerable v2 questions."""
-    qid: str
-    title: str
-    context: str
-    question: str
-    answers: list[tuple[str, int]]
-    is_impossible: bool
-    where: str
-
-
-@dataclasses.dataclass
-class ChoiceExample:
-    """A SWAG-style multiple-choice question: a context, the start of the continuation, the endings."""
-    context: str
-    start: str
-    endings: list[str]
-    label: Optional[int]
-    where: str
-
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
@@ -119,12 +78,31 @@ def column_index(path: Path, header: Sequence[str], name: Union[str, int]) -> in
     return header.index(name)
 
 
+def class_name(value) -> str:
+    """One spelling per class: numbers and booleans in any form (1, 1.0, "1", "1.0", true) are the integer or
+    shortest float they equal ("1"); any other text is kept as it is (stripped)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    number = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        if not math.isfinite(number):
+            return text  # "nan" / "inf" are names here, not numbers
+    if isinstance(number, (int, float)):
+        return str(int(number)) if float(number).is_integer() else repr(float(number))
+    return str(value)
+
+
 def _coerce_label(value, regression: bool, where: str) -> Label:
-    """A class name (str), or a float for regression; `where` ("file:line") names a bad value."""
+    """A class name (`class_name`), or a float for regression; `where` ("file:line") names a bad value."""
     if value is None:
         return None
     if not regression:
-        return str(value)
+        return class_name(value)
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -189,7 +167,7 @@ def read_semicolon_lines(path: Union[str, os.PathLike]) -> list[TextExample]:
             if ";" not in line:
                 raise DataError(f"{path}:{line_no}: expected 'text;label', found no ';'")
             text, label = line.rsplit(";", 1)
-            out.append(TextExample(text.strip(), None, label.strip(), f"{path}:{line_no}"))
+            out.append(TextExample(text.strip(), None, class_name(label), f"{path}:{line_no}"))
     if not out:
         raise DataError(f"{path}: file has no examples")
     return out

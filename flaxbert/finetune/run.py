@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -19,18 +20,20 @@ import jax
 import yaml
 
 from flaxbert import hf, run_config
-from flaxbert.config import ConfigError
-from flaxbert.finetune import batching
+from flaxbert.errors import ConfigError, DataError
+from flaxbert.infer import batching
 from flaxbert.finetune import evaluate as E
-from flaxbert.finetune import features as F
-from flaxbert.finetune.data import Columns, FeatureSettings, TaskData, load_task_data, make_features
-from flaxbert.finetune.readers import DataError
+from flaxbert.infer import features as F
+from flaxbert.infer import predict
+from flaxbert.finetune.task_data import Columns, FeatureSettings, TaskData, load_task_data, make_features
 from flaxbert.finetune.tasks import Task, get_task
 from flaxbert.heads import apply_head, init, logical_axes
 from flaxbert.train import loop
 from flaxbert.train.checkpoint import Checkpointer
 from flaxbert.train.engine import Trained, build_engine
-from flaxbert.train.metrics import MetricsWriter
+from flaxbert.train.writer import MetricsWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,12 @@ class TaskSettings:
     version_2: bool = False  # SQuAD 2.0: unanswerable questions, null threshold tuned on dev
     save_model: bool = True  # write the best model as a HF directory (output_dir/best_model)
 
+    def __post_init__(self):
+        if self.on_head_mismatch not in ("reinit", "error"):
+            raise ConfigError(f"task.on_head_mismatch must be 'reinit' or 'error', got {self.on_head_mismatch!r}")
+        if self.ner_scheme not in ("", "IOB2", "BIO", "IOB1"):
+            raise ConfigError(f"task.ner_scheme must be '', 'IOB2' or 'IOB1', got {self.ner_scheme!r}")
+
     def feature_settings(self) -> FeatureSettings:
         qa = F.QASettings(self.max_length, self.doc_stride, self.max_query_length, self.n_best_size,
                           self.max_answer_length)
@@ -90,7 +99,6 @@ class FinetuneConfig:
 def load_config(config: str = "", overrides: Sequence[str] = (), tree: Optional[Mapping] = None) -> FinetuneConfig:
     """Defaults, then a YAML (`configs/finetune/NAME.yaml` or a path), then `tree`, then
     `--section.key=value` overrides. The `task` section is validated here, the rest by run_config."""
-    merged: dict = {k: dict(v) for k, v in FINETUNE_DEFAULTS.items()}
     sources = []
     if config:
         path = config if os.path.isfile(config) else run_config.resolve_config_path(os.path.join("finetune", config))
@@ -98,24 +106,8 @@ def load_config(config: str = "", overrides: Sequence[str] = (), tree: Optional[
     if tree:
         sources.append(tree)
     sources.append(run_config.parse_overrides(list(overrides)))
-    for src in sources:
-        for section, values in src.items():
-            if values is None:
-                continue
-            if not isinstance(values, Mapping):
-                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-            merged.setdefault(section, {}).update(values)
-    task_values = merged.pop("task", {})
-    fields = {f.name: f for f in dataclasses.fields(TaskSettings)}
-    for key in task_values:
-        if key not in fields:
-            raise ConfigError(f"unknown config key 'task.{key}'; valid: {sorted(fields)}")
-    typed = {k: run_config._coerce(f"task.{k}", v, fields[k].type) for k, v in task_values.items()}
-    settings = TaskSettings(**typed)
-    if settings.on_head_mismatch not in ("reinit", "error"):
-        raise ConfigError(f"task.on_head_mismatch must be 'reinit' or 'error', got {settings.on_head_mismatch!r}")
-    if settings.ner_scheme not in ("", "IOB2", "BIO", "IOB1"):
-        raise ConfigError(f"task.ner_scheme must be '', 'IOB2' or 'IOB1', got {settings.ner_scheme!r}")
+    merged = run_config.merge_sources(FINETUNE_DEFAULTS, sources)
+    settings = run_config.section_from_dict("task", merged.pop("task", {}), TaskSettings())
     return FinetuneConfig(settings, run_config.from_dict(merged))
 
 
@@ -141,9 +133,9 @@ def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
         message = str(e)
         raise DataError(message if settings.model in message else f"{settings.model}: {message}") from None
     if model.report is not None and model.report.initialized:
-        print(f"notice: {settings.model}: the {task.head} head is newly initialised "
-              f"({len(model.report.initialized)} tensors: {', '.join(model.report.initialized[:4])}"
-              f"{' ...' if len(model.report.initialized) > 4 else ''})", flush=True)
+        log.warning("%s: the %s head is newly initialised (%d tensors: %s%s)", settings.model, task.head,
+                    len(model.report.initialized), ", ".join(model.report.initialized[:4]),
+                    " ..." if len(model.report.initialized) > 4 else "")
     if model.tokenizer is None:
         raise DataError(f"{settings.model}: no tokenizer files (tokenizer.json or vocab.txt) in the model directory")
     return model
@@ -252,97 +244,180 @@ class PackedBatches(BucketedBatches):
                                             row_multiple=self.row_multiple)
 
 
-def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> FinetuneResult:
-    """Train with the shared loop (`flaxbert.train.loop`), which checkpoints every `1/evals_per_epoch`
-    epoch; then evaluate each checkpoint on the eval sets, keep the best on the task's main metric,
-    and write metrics/predictions/plots for each eval set plus the best model."""
-    s, rc = cfg.task, cfg.run
-    out_dir = rc.run.output_dir
-    os.makedirs(out_dir, exist_ok=True)
+@dataclasses.dataclass
+class Best:
+    """The best evaluation so far: its main-metric score, step, host parameters and per-set results."""
+    score: float = -math.inf
+    step: int = 0
+    params: Any = None  # None for a best found before a resume (its checkpoint is restored at the end)
+    results: dict = dataclasses.field(default_factory=dict)
+
+
+class SelectBest(loop.Snapshots):
+    """The loop's evaluation hook: every `every` steps and after the last one, the eval sets are scored and the
+    best parameters on the task's main metric are kept (no checkpoint is read back). The best's step, score
+    and metrics also go to `best.json`, so that a resumed run knows what it has to beat."""
+
+    def __init__(self, every: int, evaluate, task: Task, out_dir: str, prior: Optional[dict] = None):
+        self.every, self.evaluate, self.task = every, evaluate, task
+        self.path = os.path.join(out_dir, "best.json")
+        self.best = Best(float(prior["score"]), int(prior["step"])) if prior else Best()
+
+    def due(self, step: int, train_seconds: float) -> bool:
+        return step % self.every == 0
+
+    def take(self, step: int, train_seconds: float, params) -> None:
+        results = self.evaluate(params, step)
+        score = _main_metric(self.task, {n: r.metrics for n, r in results.items()})
+        log.info("step %d: %s = %.4f %s", step, self.task.main_metric, score,
+                 json.dumps({n: {k: round(v, 4) for k, v in r.metrics.items()} for n, r in results.items()}))
+        if score > self.best.score:
+            self.best = Best(score, step, params, results)
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump({"step": step, "score": score, "metrics": {n: r.metrics for n, r in results.items()}}, f)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A fine-tuning run's inputs: the task with its labels, the model, features and batching."""
+    task: Task
+    model: hf.PretrainedModel
+    task_data: TaskData
+    train_features: list
+    eval_features: dict
+    boundaries: tuple
+    pack: bool
+
+
+def prepare(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Prepared:
+    """Read the task's data, load the model with its head and make the features."""
+    s = cfg.task
     task = get_task(s.name)
-    columns = Columns(s.text_column, s.text_pair_column, s.label_column)
     if task_data is None:
-        task_data = load_task_data(task, s.data, columns=columns, max_train=s.max_train_examples,
-                                   max_eval=s.max_eval_examples)
-    task = task_data.task
-    model = load_model(task, s)
-    task = saved_label_order(model, task)
-    config, tokenizer = model.config, model.tokenizer
-    fs = s.feature_settings()
-    if s.max_length > config.max_position_embeddings:
+        task_data = load_task_data(task, s.data, columns=Columns(s.text_column, s.text_pair_column, s.label_column),
+                                   max_train=s.max_train_examples, max_eval=s.max_eval_examples)
+    model = load_model(task_data.task, s)
+    task = saved_label_order(model, task_data.task)
+    if s.max_length > model.config.max_position_embeddings:
         raise ConfigError(f"task.max_length={s.max_length} exceeds the model's max_position_embeddings "
-                          f"({config.max_position_embeddings})")
-    train_features = make_features(task, tokenizer, task_data.train, fs, training=True)
-    eval_features = {name: make_features(task, tokenizer, exs, fs, training=False)
+                          f"({model.config.max_position_embeddings})")
+    fs = s.feature_settings()
+    train_features = make_features(task, model.tokenizer, task_data.train, fs, training=True)
+    eval_features = {name: make_features(task, model.tokenizer, exs, fs, training=False)
                      for name, exs in task_data.evals.items()}
     boundaries = batching.fixed_length_boundaries(s.max_length) if s.pad_to_max else \
         batching.bucket_boundaries(s.max_length, s.bucket_min)
-    batch_size = rc.run.global_batch_size
     pack = s.pack and not s.pad_to_max and task.spec.packs and batching.packable(train_features)
     if s.pack and not pack and not s.pad_to_max:
-        print(f"task.pack: {task.name} ({task.kind}) is not a single-sequence task; batches are bucketed instead",
-              flush=True)
-    steps_per_epoch = (-(-len(train_features) // batch_size) if pack
-                       else batching.num_batches(train_features, batch_size, boundaries))
+        log.warning("task.pack: %s (%s) is not a single-sequence task; batches are bucketed instead", task.name,
+                    task.kind)
+    return Prepared(task, model, task_data, train_features, eval_features, tuple(boundaries), pack)
+
+
+def _schedule(cfg: FinetuneConfig, p: Prepared) -> tuple[run_config.RunConfig, int, int]:
+    """(the loop's run config, steps per epoch, steps between evaluations)."""
+    s, rc = cfg.task, cfg.run
+    batch_size = rc.run.global_batch_size
+    steps_per_epoch = (-(-len(p.train_features) // batch_size) if p.pack
+                       else batching.num_batches(p.train_features, batch_size, p.boundaries))
     total_steps = max(1, math.ceil(s.epochs * steps_per_epoch))
     eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
     n_evals = len(range(eval_every, total_steps + 1, eval_every)) + 1
     loop_cfg = dataclasses.replace(
-        rc, model=config, data=dataclasses.replace(rc.data, seq_len=s.max_length),
+        rc, model=p.model.config, data=dataclasses.replace(rc.data, seq_len=s.max_length),
         optim=dataclasses.replace(rc.optim, warmup_steps=int(s.warmup_ratio * total_steps)),
         run=dataclasses.replace(rc.run, steps=total_steps, eval_every=0),
+        # every evaluated step stays restorable: a resumed run may need its best one back
         checkpoint=dataclasses.replace(rc.checkpoint, every=eval_every, keep=max(rc.checkpoint.keep, n_evals)))
-    head, num_labels = task.head, task.num_labels
+    return loop_cfg, steps_per_epoch, eval_every
+
+
+def _train_batches(cfg: FinetuneConfig, p: Prepared) -> BucketedBatches:
+    s, rc = cfg.task, cfg.run
+    if p.pack:
+        data_shards = jax.device_count() // max(1, rc.mesh.resolve(jax.device_count())[2])
+        return PackedBatches(p.train_features, rc.run.global_batch_size, min(s.pack_length, s.max_length),
+                             rc.run.seed, data_shards)
+    return BucketedBatches(p.train_features, rc.run.global_batch_size, p.boundaries, rc.run.seed)
+
+
+def _prior_best(loop_cfg: run_config.RunConfig, out_dir: str) -> Optional[dict]:
+    """best.json of an interrupted run this one resumes (its step still has a checkpoint), else None."""
+    path = os.path.join(out_dir, "best.json")
+    if not loop_cfg.checkpoint.resume or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        prior = json.load(f)
+    directory = loop_cfg.checkpoint.directory or os.path.join(loop_cfg.run.output_dir, "checkpoints")
+    checkpointer = Checkpointer(directory, keep=loop_cfg.checkpoint.keep, async_save=False)
+    try:
+        return prior if int(prior.get("step", -1)) in checkpointer.all_steps() else None
+    finally:
+        checkpointer.close()
+
+
+def train_and_select(cfg: FinetuneConfig, p: Prepared) -> tuple[Best, BucketedBatches, float, int]:
+    """Train with the shared loop, evaluating while it trains; (best, the batches, train seconds, steps)."""
+    s, out_dir = cfg.task, cfg.run.run.output_dir
+    loop_cfg, steps_per_epoch, eval_every = _schedule(cfg, p)
+    config, head, num_labels = p.model.config, p.task.head, p.task.num_labels
     init_params = lambda r: init(config, r, head, num_labels)  # noqa: E731
     axes = logical_axes(config, head, num_labels)
-    row_length = min(s.pack_length, s.max_length)
-    if pack:
-        data_shards = jax.device_count() // max(1, rc.mesh.resolve(jax.device_count())[2])
-        batches = PackedBatches(train_features, batch_size, row_length, rc.run.seed, data_shards)
-    else:
-        batches = BucketedBatches(train_features, batch_size, boundaries, rc.run.seed)
-    print(f"{task.name}: {len(train_features)} train features, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"{f'packed rows of {row_length}' if pack else f'buckets {boundaries}'}, eval sets {[f'{k}({len(v)})' for k, v in eval_features.items()]}", flush=True)
-    t0 = time.perf_counter()
+    batches = _train_batches(cfg, p)
+    log.info("%s: %d train features, %d steps/epoch, %d steps, %s, eval sets %s", p.task.name,
+             len(p.train_features), steps_per_epoch, loop_cfg.run.steps,
+             f"packed rows of {min(s.pack_length, s.max_length)}" if p.pack else f"buckets {list(p.boundaries)}",
+             [f"{k}({len(v)})" for k, v in p.eval_features.items()])
+    forward, writer = predict.make_forward(config, head), MetricsWriter(out_dir)  # eval_<set> records beside train
+    evaluate = lambda params, step: evaluate_sets(p.task, p.task_data, p.eval_features, forward,  # noqa: E731
+                                                  params, s, p.boundaries, cfg.run.run.progress, writer, step)
+    hook = SelectBest(eval_every, evaluate, p.task, out_dir, _prior_best(loop_cfg, out_dir))
     # the loop reports batch x seq_len tokens per second; with the mean real length per row that is
     # (up to the filler rows of short batches) the real-token throughput rather than max_length's
-    mean_len = sum(batching.length_of(f) for f in train_features) / len(train_features)
-    result = loop.train(loop_cfg, loop.Task(init_params, axes, make_loss_fn(task, config), batches, mean_len,
-                                            initial_params=model.params))
+    mean_len = sum(batching.length_of(f) for f in p.train_features) / len(p.train_features)
+    t0 = time.perf_counter()
+    result = loop.train(loop_cfg, loop.Job(init_params, axes, make_loss_fn(p.task, config), batches, mean_len,
+                                            initial_params=p.model.params), snapshots=hook)
     train_time = time.perf_counter() - t0
+    writer.close()
     if result.reason != "finished":
         raise RuntimeError(f"training stopped early ({result.reason}): {result.message}")
+    best = hook.best
+    if best.params is None:  # the best came before a resume: its checkpoint is the one read back
+        checkpointer, target = _restore_target(loop_cfg, init_params, axes, os.path.join(out_dir, "checkpoints")
+                                               if not loop_cfg.checkpoint.directory else loop_cfg.checkpoint.directory)
+        try:
+            params = jax.device_get(checkpointer.restore(best.step, target)[0].params)
+        finally:
+            checkpointer.close()
+        best = Best(best.score, best.step, params, evaluate(params, best.step))
+    return best, batches, train_time, loop_cfg.run.steps
 
-    forward = E.make_forward(config, head)
-    writer = MetricsWriter(out_dir)
-    best = (-math.inf, 0, None, None)  # (main metric, step, params, results)
-    for step, params in _checkpointed_params(loop_cfg, init_params, axes):
-        results = evaluate_sets(task, task_data, eval_features, forward, params, s, boundaries,
-                                rc.run.progress, writer, step)
-        score = _main_metric(task, {n: r.metrics for n, r in results.items()})
-        print(f"step {step}: {task.main_metric} = {score:.4f} "
-              f"{json.dumps({n: {k: round(v, 4) for k, v in r.metrics.items()} for n, r in results.items()})}",
-              flush=True)
-        if score > best[0]:
-            best = (score, step, jax.device_get(params), results)
-    writer.close()
-    _, best_step, best_params, best_results = best
-    summary = {name: r.metrics for name, r in best_results.items()}
-    throughput = {"train_seconds": train_time, "steps": total_steps,
+
+def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> FinetuneResult:
+    """Fine-tune in steps: prepare the task and model, train with the shared loop while evaluating every
+    `1/evals_per_epoch` epoch and keeping the best on the task's main metric, then write metrics, predictions
+    and plots of each eval set, and the best model."""
+    out_dir = cfg.run.run.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    p = prepare(cfg, task_data)
+    best, batches, train_time, steps = train_and_select(cfg, p)
+    summary = {name: r.metrics for name, r in best.results.items()}
+    throughput = {"train_seconds": train_time, "steps": steps,
                   "real_tokens_per_sec": batches.real_tokens / train_time,
                   "padded_tokens_per_sec": batches.padded_tokens / train_time,
                   "pad_fraction": 1 - batches.real_tokens / max(batches.padded_tokens, 1)}
-    for name, r in best_results.items():
-        E.write_outputs(r, task, out_dir, name, extra={"best_step": best_step})
+    for name, r in best.results.items():
+        E.write_outputs(r, p.task, out_dir, name, extra={"best_step": best.step})
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({"task": task.name, "main_metric": task.main_metric, "best_step": best_step, "eval": summary,
-                   "train": throughput, "labels": list(task.labels or [])}, f, indent=2)
+        json.dump({"task": p.task.name, "main_metric": p.task.main_metric, "best_step": best.step, "eval": summary,
+                   "train": throughput, "labels": list(p.task.labels or [])}, f, indent=2)
     with open(os.path.join(out_dir, "finetune_config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    if s.save_model:
-        save_model(model, task, best_params, os.path.join(out_dir, "best_model"))
-    return FinetuneResult(task, summary, best_step, train_time, throughput["real_tokens_per_sec"],
-                          throughput["padded_tokens_per_sec"], out_dir, best_params)
+    if cfg.task.save_model:
+        save_model(p.model, p.task, best.params, os.path.join(out_dir, "best_model"))
+    return FinetuneResult(p.task, summary, best.step, train_time, throughput["real_tokens_per_sec"],
+                          throughput["padded_tokens_per_sec"], out_dir, best.params)
 
 
 def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, list], forward, params,
@@ -351,7 +426,7 @@ def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, l
     """Every eval set through the model, scored with the task's metrics (logged to `writer`)."""
     results = {}
     for name, feats in eval_features.items():
-        outs = E.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.spec.sequence_outputs,
+        outs = predict.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.spec.sequence_outputs,
                            progress=progress, desc=f"eval {name} @{step}")
         results[name] = E.evaluate(task, task_data.evals[name], feats, outs, s.feature_settings().qa,
                                    ner_scheme=s.ner_scheme or None, version_2=s.version_2)
@@ -373,7 +448,7 @@ def evaluate_model(cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
     task = saved_label_order(model, td.task)
     feats = {name: make_features(task, model.tokenizer, exs, s.feature_settings(), training=False)
              for name, exs in td.evals.items()}
-    results = evaluate_sets(task, td, feats, E.make_forward(model.config, task.head), model.params, s,
+    results = evaluate_sets(task, td, feats, predict.make_forward(model.config, task.head), model.params, s,
                             batching.bucket_boundaries(s.max_length, s.bucket_min), cfg.run.run.progress)
     for name, r in results.items():
         E.write_outputs(r, task, out_dir, name)
@@ -384,18 +459,6 @@ def _restore_target(cfg: run_config.RunConfig, init_params, axes, directory: str
     """The checkpointer of a loop run and the abstract train state (with shardings) to restore into."""
     engine = build_engine(cfg, Trained(init_params, axes, loss_fn=None), compile_step=False)
     return Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False), engine.target()
-
-
-def _checkpointed_params(cfg: run_config.RunConfig, init_params, axes):
-    """(step, params) of every checkpoint the loop wrote, oldest first, restored in their shardings."""
-    directory = cfg.checkpoint.directory or os.path.join(cfg.run.output_dir, "checkpoints")
-    checkpointer, target = _restore_target(cfg, init_params, axes, directory)
-    try:
-        for step in checkpointer.all_steps():
-            state, _, _ = checkpointer.restore(step, target)  # fingerprint-checked
-            yield step, state.params
-    finally:
-        checkpointer.close()
 
 
 def is_pretraining_run(path: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
-from flaxbert.config import ConfigError
+from flaxbert.errors import ConfigError
 from flaxbert.finetune.kinds import Kind, get_kind
 
 Column = Union[str, int]

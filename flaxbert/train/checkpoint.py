@@ -23,15 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flaxbert.errors import CheckpointError, CheckpointWarning
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped because it is unreadable or corrupt."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint in the directory could be restored."""
 
 
 @jax.jit

@@ -30,7 +30,7 @@ from flaxbert.train import step as st
 
 
 class Trainable(Protocol):
-    """What the engine needs of a model and its task (`loop.Task` is one)."""
+    """What the engine needs of a model and its task (`loop.Job` is one)."""
 
     init_params: Callable[[jax.Array], Any]  # rng -> fresh float32 params
     logical_axes: Any  # tree of logical PartitionSpecs matching init_params' output
@@ -39,7 +39,7 @@ class Trainable(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-    """A plain `Trainable`, for callers without a `loop.Task`."""
+    """A plain `Trainable`, for callers without a `loop.Job`."""
 
     init_params: Callable[[jax.Array], Any]
     logical_axes: Any

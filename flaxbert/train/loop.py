@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from flaxbert import run_config as rc
 from flaxbert.train import checkpoint as ckpt
-from flaxbert.train import metrics as mx
+from flaxbert.train import writer as mx
 from flaxbert.train import optim
 from flaxbert.train import step as st
 from flaxbert.train.engine import build_engine
@@ -27,24 +27,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """Everything model- and data-specific that the loop trains."""
+class Job:
+    """Everything model- and data-specific that the loop trains (a pretraining or fine-tuning job)."""
 
     init_params: Callable[[jax.Array], Any]  # rng -> fresh float32 params
     logical_axes: Any  # tree of logical PartitionSpecs matching init_params' output
     loss_fn: st.LossFn  # see flaxbert/train/step.py
     train_batches: Iterator[dict]  # host-local numpy batches (this host's share); get_state()/set_state()
-    seq_len: int
+    seq_len: float  # tokens per row, for the throughput (fine-tuning passes its mean real length)
     flops_per_token: float = 0.0  # for MFU; 0 = not reported
     eval_batches: Optional[Callable[[], Iterable[dict]]] = None  # a fresh pass over held-out host-local batches
     initial_params: Any = None  # host arrays to start from (e.g. an HF checkpoint) instead of init_params
     mesh_shape: Optional[tuple[int, int, int]] = None  # (data, fsdp, tensor) if the run config was validated
+    progress_keys: tuple[tuple[str, str], ...] = (("accuracy", "acc"),)  # (metric, short name) on the bar
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
     step: int  # optimizer steps done
-    reason: str  # finished | preempted | nonfinite
+    reason: str  # finished | preempted | nonfinite | diverged
     last_metrics: dict
     message: str = ""
     train_seconds: float = 0.0  # training wall time, resumed runs included, evaluation and snapshots excluded
@@ -156,154 +157,227 @@ class _Clock:
             self._paused += time.perf_counter() - t
 
 
-def train(cfg: rc.RunConfig, task: Task, snapshots: Optional[Snapshots] = None) -> Result:
-    """Train `task` under `cfg`: resume, step, log, evaluate, checkpoint. With `run.budget_minutes` the run
-    stops when that much training time is spent (or at `run.steps`) and the learning rate follows the time."""
-    r, c = cfg.run, cfg.checkpoint
-    engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
-    is_main = jax.process_index() == 0
-    budget_s = r.budget_minutes * 60.0
-    checkpointer = ckpt.Checkpointer(c.directory or os.path.join(r.output_dir, "checkpoints"), keep=c.keep,
-                                     async_save=c.async_save)
-    restored = checkpointer.restore_latest(engine.target()) if c.resume else None
-    spent = 0.0
-    if restored is not None:
-        state, data_state, meta = restored
-        task.train_batches.set_state(data_state)
-        spent = float(meta.get("train_seconds", 0.0))
-        log.info("resumed from step %d", int(state.step))
-    else:
-        state = engine.init_state(task.initial_params)
-    if is_main:
-        rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
+class _Progress:
+    """The logged side of a run: pending device metrics fetched at log points, the metrics file, the progress
+    bar (with the task's own keys) and the throughput of the steps since the last fetch."""
 
-    writer = mx.MetricsWriter(r.output_dir, enabled=is_main)
-    peak = mx.peak_flops(jax.devices()[0].device_kind, r.peak_flops)
-    start = int(state.step)
-    state = engine.to_layout(state)
-    bar = None
-    if is_main and r.progress:
-        from tqdm import tqdm
+    def __init__(self, cfg: rc.RunConfig, task: Job, is_main: bool, start: int, budget: bool):
+        r = cfg.run
+        self.cfg, self.task = cfg, task
+        self.writer = mx.MetricsWriter(r.output_dir, enabled=is_main)
+        self.peak = mx.peak_flops(jax.devices()[0].device_kind, r.peak_flops)
+        self.bar = None
+        if is_main and r.progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=None if budget_s else r.steps, initial=start, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=None if budget else r.steps, initial=start, desc="train", dynamic_ncols=True)
+        self.pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
+        self.last: dict = {}
+        self.t, self.steps, self.compiled, self.skipped = time.perf_counter(), 0, False, 0
+        self.spikes = _SpikeWatch(cfg.run.spike_factor, cfg.run.spike_steps)
+        self.first_bad: Optional[int] = None  # the first step of a failure flush() reported ...
+        self.failure = ""  # ... and its kind: nonfinite | diverged
 
-    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
-    last: dict = {}
-    timer = {"t": time.perf_counter(), "steps": 0, "compiled": False}
-    skipped = 0
-
-    def flush() -> Optional[str]:
-        """Fetch pending metrics, log them; returns a diagnostic if a step was non-finite."""
-        nonlocal last, skipped
-        if not pending:
+    def flush(self) -> Optional[str]:
+        """Fetch pending metrics, log them; returns a diagnostic if a step was non-finite or the loss diverged
+        (then `first_bad` is the step where it began)."""
+        if not self.pending:
             return None
-        fetched = [(s, jax.device_get(m)) for s, m in pending]
-        pending.clear()
+        r = self.cfg.run
+        fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+        self.pending.clear()
         now = time.perf_counter()
         window = []
         for s, m in fetched:
             if not bool(m["finite"]):
                 if r.nan_policy == "stop":
+                    self.first_bad, self.failure = s, "nonfinite"
                     return (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
                             f"grad_norm={float(m['grad_norm'])})")
-                skipped += 1
-                log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)", s, skipped)
+                self.skipped += 1
+                log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)", s, self.skipped)
                 continue
+            diverged = self.spikes.see(s, float(m["loss"]))
+            if diverged:
+                if r.nan_policy == "stop":
+                    self.first_bad, self.failure = self.spikes.first, "diverged"
+                    return diverged
+                log.warning("%s (nan_policy=skip: the updates were applied; training goes on)", diverged)
             window.append(m)
         if window:
             record = _mean_records(window)
-            if timer["compiled"] and timer["steps"]:
-                record.update(mx.throughput((now - timer["t"]) / timer["steps"], r.global_batch_size, task.seq_len,
-                                            task.flops_per_token, jax.device_count(), peak))
-            last = record
-            writer.write(fetched[-1][0], record)
-            if bar is not None:
-                post = {"loss": f"{record['loss']:.3f}"}
-                for key, short in (("mlm_accuracy", "mlm_acc"), ("nsp_accuracy", "nsp_acc")):
-                    if key in record:
-                        post[short] = f"{record[key]:.3f}"
-                if "tokens_per_sec" in record:
-                    post["tok/s"] = f"{record['tokens_per_sec']:.0f}"
-                bar.set_postfix(post, refresh=False)
-        timer.update(t=now, steps=0, compiled=True)
+            if self.compiled and self.steps:
+                record.update(mx.throughput((now - self.t) / self.steps, r.global_batch_size, self.task.seq_len,
+                                            self.task.flops_per_token, jax.device_count(), self.peak))
+            self.last = record
+            self.writer.write(fetched[-1][0], record)
+            self._show(record)
+        self.t, self.steps, self.compiled = now, 0, True
         return None
 
-    batches = DevicePrefetch(task.train_batches, engine.put, r.prefetch)
+    def _show(self, record: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{record['loss']:.3f}"}
+        post.update({short: f"{record[key]:.3f}" for key, short in self.task.progress_keys if key in record})
+        if "tokens_per_sec" in record:
+            post["tok/s"] = f"{record['tokens_per_sec']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
 
-    clock = _Clock(spent)
+    def evaluated(self, step: int, ev: dict) -> None:
+        if ev:
+            self.writer.write(step, ev, split="eval")
+            self.last = {**self.last, **{f"eval_{k}": v for k, v in ev.items()}}
+        self.t = time.perf_counter()  # keep eval time out of the throughput
 
-    def save(step_now: int) -> None:
-        checkpointer.save(step_now, engine.to_checkpoint(state), batches.get_state(),
-                          extra={"train_seconds": clock.seconds()})
+    def close(self, is_main: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        if is_main and os.path.exists(self.writer.path):
+            mx.plot(self.writer.path, os.path.join(self.cfg.run.output_dir, "metrics.png"))
 
-    def snapshot(step_now: int) -> None:
-        with clock.pause():
-            snapshots.take(step_now, clock.seconds(), engine.host_params(state))
 
-    timed = budget_s > 0 or snapshots is not None  # keep one step in flight, so that the clock is the device's
-    reason, message = "finished", ""
-    with _StopFlag() as stop:
-        def over(step: int) -> bool:
-            return step >= r.steps or (budget_s > 0 and clock.seconds() >= budget_s)
+class _SpikeWatch:
+    """Divergence short of NaN: a loss above `factor` x the median of the last 100 normal steps for `steps`
+    steps in a row (off when factor is 0). Spiking losses do not enter the median."""
 
-        step_now, in_flight, stopped_at = start, None, clock.seconds()
-        done = over(step_now)
-        while not done:
-            lr = optim.budget_lr(cfg.optim, step_now, clock.seconds() / budget_s) if budget_s else None
-            batch = next(batches)
-            state, m = engine.step(state, batch, lr)  # dispatched; the device works while the host goes on
-            batches.fill()
-            step_now += 1
-            pending.append((step_now, m))
-            timer["steps"] += 1
-            if timed:
-                jax.block_until_ready(in_flight if in_flight is not None else m)
-                in_flight = m
-            done = over(step_now)
-            if done:
-                stopped_at = clock.seconds()  # before the final checkpoint and evaluation
-            if bar is not None:
-                bar.update(1)
-            at_log = step_now % r.log_every == 0 or done or not timer["compiled"]
-            at_save = step_now % c.every == 0 or done
-            preempt = stop.signal is not None if jax.process_count() == 1 else (at_log and stop.any_process())
-            if at_log or at_save or preempt:
-                if not timer["compiled"]:
-                    jax.block_until_ready(m)
-                problem = flush()
-                if problem:
-                    reason = "nonfinite"
-                    good = checkpointer.all_steps()
-                    message = (f"{problem}; stopping. The last good checkpoint is "
-                               f"{'step ' + str(good[-1]) if good else 'none'} in {checkpointer.directory}")
-                    break
-            if preempt:
-                save(step_now)
-                reason = "preempted"
-                message = f"signal received: saved a checkpoint at step {step_now}"
-                break
-            if at_save:
-                save(step_now)
-            if task.eval_batches is not None and r.eval_every and (step_now % r.eval_every == 0 or done):
-                with clock.pause():
-                    ev = engine.evaluate(state, task.eval_batches(), r.eval_batches)
-                if ev:
-                    writer.write(step_now, ev, split="eval")
-                    last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
-                timer["t"] = time.perf_counter()  # keep eval time out of the throughput
-            if snapshots is not None and (done or snapshots.due(step_now, clock.seconds())):
-                snapshot(step_now)
-                timer["t"] = time.perf_counter()
-    if bar is not None:
-        bar.close()
-    checkpointer.close()
-    writer.close()
-    if is_main and os.path.exists(writer.path):
-        mx.plot(writer.path, os.path.join(r.output_dir, "metrics.png"))
+    def __init__(self, factor: float, steps: int, window: int = 100, warm: int = 20):
+        self.factor, self.steps, self.window, self.warm = factor, steps, window, warm
+        self.history: collections.deque = collections.deque(maxlen=window)
+        self.run, self.first = 0, None
+
+    def see(self, step: int, loss: float) -> Optional[str]:
+        if not self.factor:
+            return None
+        if len(self.history) >= self.warm:
+            median = float(np.median(self.history))
+            if loss > self.factor * median:
+                self.run, self.first = self.run + 1, self.first if self.run else step
+                if self.run >= self.steps:
+                    return (f"the loss diverged: {loss:.4g} at step {step}, above {self.factor:g} x the median "
+                            f"{median:.4g} of the last {len(self.history)} steps for {self.run} steps in a row "
+                            f"(since step {self.first})")
+                return None
+        self.run, self.first = 0, None
+        self.history.append(loss)
+        return None
+
+
+def _restore(cfg: rc.RunConfig, task: Job, engine, checkpointer) -> tuple[Any, float]:
+    """(the state in the checkpoint layout, training seconds already spent): the latest good checkpoint with
+    the loader put back to its position, or a fresh state."""
+    restored = checkpointer.restore_latest(engine.target()) if cfg.checkpoint.resume else None
+    if restored is None:
+        return engine.init_state(task.initial_params), 0.0
+    state, data_state, meta = restored
+    task.train_batches.set_state(data_state)
+    log.info("resumed from step %d", int(state.step))
+    return state, float(meta.get("train_seconds", 0.0))
+
+
+def train(cfg: rc.RunConfig, task: Job, snapshots: Optional[Snapshots] = None) -> Result:
+    """Train `task` under `cfg`: resume, step, log, evaluate, checkpoint. With `run.budget_minutes` the run
+    stops when that much training time is spent (or at `run.steps`) and the learning rate follows the time."""
+    r, c = cfg.run, cfg.checkpoint
+    engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
+    is_main = jax.process_index() == 0
+    checkpointer = ckpt.Checkpointer(c.directory or os.path.join(r.output_dir, "checkpoints"), keep=c.keep,
+                                     async_save=c.async_save)
+    state, spent = _restore(cfg, task, engine, checkpointer)
+    if is_main:
+        rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
+    run = _Run(cfg, task, engine, checkpointer, snapshots, state, spent)
+    progress = _Progress(cfg, task, is_main, run.step, run.budget_s > 0)
+    try:
+        reason, message = run.loop(progress)
+    finally:
+        progress.close(is_main)
+        checkpointer.close()
     if message:
-        (log.error if reason == "nonfinite" else log.warning)(message)
-    if budget_s and reason == "finished":
-        message = (f"budget of {r.budget_minutes:g} min spent: {step_now} steps in {stopped_at:.1f} s of training "
-                   f"({clock.seconds():.1f} s with the final checkpoint)")
+        (log.error if reason in ("nonfinite", "diverged") else log.warning)(message)
+    if run.budget_s and reason == "finished":
+        message = (f"budget of {r.budget_minutes:g} min spent: {run.step} steps in {run.stopped_at:.1f} s of "
+                   f"training ({run.clock.seconds():.1f} s with the final checkpoint)")
         log.info(message)
-    return Result(step=step_now, reason=reason, last_metrics=last, message=message, train_seconds=clock.seconds())
+    return Result(step=run.step, reason=reason, last_metrics=progress.last, message=message,
+                  train_seconds=run.clock.seconds())
+
+
+class _Run:
+    """The stepping side of a run: the state, its clock, the prefetched batches, and what happens after each
+    step (fetch and log, checkpoint, preemption, held-out evaluation, snapshots)."""
+
+    def __init__(self, cfg: rc.RunConfig, task: Job, engine, checkpointer, snapshots, state, spent: float):
+        self.cfg, self.task, self.engine, self.checkpointer, self.snapshots = cfg, task, engine, checkpointer, snapshots
+        self.budget_s = cfg.run.budget_minutes * 60.0
+        self.step = int(state.step)
+        self.state = engine.to_layout(state)
+        self.batches = DevicePrefetch(task.train_batches, engine.put, cfg.run.prefetch)
+        self.clock = _Clock(spent)
+        self.stopped_at = self.clock.seconds()
+        # keep one step in flight when the clock matters, so that it measures the device's time
+        self.timed = self.budget_s > 0 or snapshots is not None
+
+    def over(self) -> bool:
+        return self.step >= self.cfg.run.steps or (self.budget_s > 0 and self.clock.seconds() >= self.budget_s)
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self.engine.to_checkpoint(self.state), self.batches.get_state(),
+                               extra={"train_seconds": self.clock.seconds()})
+
+    def one_step(self, progress: _Progress, in_flight):
+        lr = optim.budget_lr(self.cfg.optim, self.step, self.clock.seconds() / self.budget_s) \
+            if self.budget_s else None
+        self.state, m = self.engine.step(self.state, next(self.batches), lr)  # dispatched; the host goes on
+        self.batches.fill()
+        self.step += 1
+        progress.pending.append((self.step, m))
+        progress.steps += 1
+        if self.timed:
+            jax.block_until_ready(in_flight if in_flight is not None else m)
+        if progress.bar is not None:
+            progress.bar.update(1)
+        return m
+
+    def loop(self, progress: _Progress) -> tuple[str, str]:
+        """Steps until the end, a non-finite step or a signal: (reason, message)."""
+        r, c = self.cfg.run, self.cfg.checkpoint
+        with _StopFlag() as stop:
+            in_flight, done = None, self.over()
+            while not done:
+                in_flight = m = self.one_step(progress, in_flight)
+                done = self.over()
+                if done:
+                    self.stopped_at = self.clock.seconds()  # before the final checkpoint and evaluation
+                at_log = self.step % r.log_every == 0 or done or not progress.compiled
+                at_save = self.step % c.every == 0 or done
+                preempt = stop.signal is not None if jax.process_count() == 1 else (at_log and stop.any_process())
+                if at_log or at_save or preempt:
+                    if not progress.compiled:
+                        jax.block_until_ready(m)
+                    problem = progress.flush()
+                    if problem:  # the last good checkpoint was written before the first bad step
+                        good = [s for s in self.checkpointer.all_steps() if s < progress.first_bad]
+                        return progress.failure, (f"{problem}; stopping. The last good checkpoint is "
+                                             f"{'step ' + str(good[-1]) if good else 'none'} in "
+                                             f"{self.checkpointer.directory}")
+                if preempt:
+                    self.save()
+                    return "preempted", f"signal received: saved a checkpoint at step {self.step}"
+                if at_save:
+                    self.save()
+                self.evaluate(progress, done)
+        return "finished", ""
+
+    def evaluate(self, progress: _Progress, done: bool) -> None:
+        """Held-out evaluation and snapshots when due, with the training clock stopped."""
+        r, task, snapshots = self.cfg.run, self.task, self.snapshots
+        if task.eval_batches is not None and r.eval_every and (self.step % r.eval_every == 0 or done):
+            with self.clock.pause():
+                ev = self.engine.evaluate(self.state, task.eval_batches(), r.eval_batches)
+            progress.evaluated(self.step, ev)
+        if snapshots is not None and (done or snapshots.due(self.step, self.clock.seconds())):
+            with self.clock.pause():
+                snapshots.take(self.step, self.clock.seconds(), self.engine.host_params(self.state))
+            progress.t = time.perf_counter()

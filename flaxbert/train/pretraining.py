@@ -16,7 +16,7 @@ from flaxbert import heads
 from flaxbert import run_config as rc
 from flaxbert.config import BertConfig
 from flaxbert.losses import pretraining_losses
-from flaxbert.train.loop import Task
+from flaxbert.train.loop import Job
 from flaxbert.train.step import LossOutput
 
 
@@ -95,13 +95,10 @@ def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[s
             else:
                 vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase,
                                       corpus_format="bert")
-        kw = dict(max_seq_length=d.seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
-                  masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob, dupe_factor=d.dupe_factor,
-                  whole_word_masking=d.whole_word_masking, seed=d.seed, nsp=d.nsp, model_vocab_size=model.vocab_size,
-                  overwrite=True, progress=False, corpus_format="bert")
+        kw = dict(model_vocab_size=model.vocab_size, overwrite=True, progress=False, corpus_format="bert")
         if eval_txt:
-            data.prepare(eval_txt, tokenizer, eval_dir, **kw)
-        data.prepare(train_txt, tokenizer, train_dir, **kw)  # written last: its manifest marks "done"
+            data.prepare(eval_txt, tokenizer, eval_dir, d.prepare_settings(), **kw)
+        data.prepare(train_txt, tokenizer, train_dir, d.prepare_settings(), **kw)  # last: its manifest marks "done"
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("flaxbert_prepare")
     return train_dir, (eval_dir if os.path.exists(os.path.join(eval_dir, "manifest.json")) else None)
@@ -131,7 +128,7 @@ def _model_tokenizer_sha256(cfg: rc.RunConfig, manifest: dict) -> str:
     return manifest["tokenizer_sha256"]
 
 
-def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
+def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     """Everything the loop needs for MLM+NSP pretraining; errors in the config or data surface here,
     before anything compiles."""
     from flaxbert import data
@@ -159,9 +156,9 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Task]:
             eval_batches = lambda: data.make_loader(eval_dir, seed=0, shuffle=False, num_epochs=1,  # noqa: E731
                                                     **{**common, "masking": "static"})
     seq = manifest["max_seq_length"]
-    task = Task(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
+    task = Job(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
                 logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model, d.nsp),
                 train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
-                mesh_shape=mesh_shape,
+                mesh_shape=mesh_shape, progress_keys=(("mlm_accuracy", "mlm_acc"), ("nsp_accuracy", "nsp_acc")),
                 flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
     return cfg, task

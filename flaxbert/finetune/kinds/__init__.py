@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from flaxbert.config import ConfigError
+from flaxbert.errors import ConfigError
 from flaxbert.finetune.kinds.base import EvalResult, EvalSettings, Kind
 from flaxbert.finetune.kinds.classification import CLASSIFICATION
 from flaxbert.finetune.kinds.multiple_choice import MULTIPLE_CHOICE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flaxbert.finetune import features as F
+from flaxbert.infer import features as F
 from flaxbert.finetune import readers
 from flaxbert.finetune.kinds.base import Kind
 

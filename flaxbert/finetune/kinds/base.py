@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from flaxbert import metrics
+from flaxbert import scores
 from flaxbert.losses import cross_entropy
 from flaxbert.train.step import LossOutput
 
@@ -45,7 +45,7 @@ def label_loss(logits, batch) -> LossOutput:
 def ranked(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits [examples, classes], their softmax, the argmax) of per-example [CLS] head outputs."""
     logits = np.stack([r[0] for r in outputs.rows])
-    return logits, metrics.softmax(logits), logits.argmax(-1)
+    return logits, scores.softmax(logits), logits.argmax(-1)
 
 
 class Kind:

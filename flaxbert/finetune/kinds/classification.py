@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxbert import metrics
+from flaxbert import scores
 from flaxbert.finetune.kinds._text import TextKind
 from flaxbert.finetune.kinds.base import EvalResult, label_loss, ranked
 from flaxbert.train.step import LossOutput
 
-SCORES = {"mcc": lambda y, p, n: metrics.matthews_corrcoef(y, p),
-          "f1": lambda y, p, n: metrics.f1_binary(y, p, pos_label=1),
-          "macro_f1": lambda y, p, n: metrics.f1_macro(y, p, n)}
+SCORES = {"mcc": lambda y, p, n: scores.matthews_corrcoef(y, p),
+          "f1": lambda y, p, n: scores.f1_binary(y, p, pos_label=1),
+          "macro_f1": lambda y, p, n: scores.f1_macro(y, p, n)}
 
 
-def scores(task, gold: np.ndarray, pred: np.ndarray, num_labels: int) -> dict[str, float]:
-    out = {"accuracy": metrics.accuracy(gold, pred)}
+def task_scores(task, gold: np.ndarray, pred: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and the task's own `scores` (names in SCORES)."""
+    out = {"accuracy": scores.accuracy(gold, pred)}
     out.update({name: SCORES[name](gold, pred, num_labels) for name in task.scores})
     return out
 
@@ -45,7 +46,7 @@ class Classification(TextKind):
         if "label" not in features[0]:
             return EvalResult({}, preds)
         gold, n = np.array([f["label"] for f in features]), logits.shape[-1]
-        return EvalResult(scores(task, gold, pred, n), preds, metrics.confusion_matrix(gold, pred, n))
+        return EvalResult(task_scores(task, gold, pred, n), preds, scores.confusion_matrix(gold, pred, n))
 
 
 CLASSIFICATION = Classification()

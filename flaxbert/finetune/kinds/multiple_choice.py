@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxbert import metrics
-from flaxbert.finetune import features as F
+from flaxbert import scores
+from flaxbert.infer import features as F
 from flaxbert.finetune import readers
 from flaxbert.finetune.kinds.base import EvalResult, Kind, label_loss, ranked
 from flaxbert.train.step import LossOutput
@@ -36,7 +36,7 @@ class MultipleChoice(Kind):
         if "label" not in features[0]:
             return EvalResult({}, preds)
         gold = np.array([f["label"] for f in features])
-        return EvalResult({"accuracy": metrics.accuracy(gold, pred)}, preds)
+        return EvalResult({"accuracy": scores.accuracy(gold, pred)}, preds)
 
 
 MULTIPLE_CHOICE = MultipleChoice()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from flaxbert import metrics
-from flaxbert.finetune import features as F
+from flaxbert import scores
+from flaxbert.infer import features as F
 from flaxbert.finetune import readers
 from flaxbert.finetune.kinds.base import EvalResult, Kind
 from flaxbert.losses import cross_entropy
@@ -48,7 +48,7 @@ class NER(Kind):
         preds = [{"where": ex.where, "words": ex.words, "tags": tags} for ex, tags in zip(examples, pred_tags)]
         if examples[0].tags is None:
             return EvalResult({}, preds)
-        report = metrics.entity_report([ex.tags for ex in examples], pred_tags, settings.ner_scheme)
+        report = scores.entity_report([ex.tags for ex in examples], pred_tags, settings.ner_scheme)
         micro = report["micro avg"]
         correct = sum(t == p for ex, tags in zip(examples, pred_tags) for t, p in zip(ex.tags, tags))
         total = sum(len(ex.tags) for ex in examples)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from flaxbert import metrics
-from flaxbert.finetune import features as F
+from flaxbert import scores
+from flaxbert.infer import features as F
 from flaxbert.finetune import readers
 from flaxbert.finetune.kinds.base import EvalResult, Kind
 from flaxbert.losses import span_loss
@@ -36,10 +36,10 @@ class QA(Kind):
         answers = F.qa_postprocess(examples, features, [r[0] for r in outputs.rows], [r[1] for r in outputs.rows],
                                    settings.qa, version_2=settings.version_2, null_threshold=settings.null_threshold)
         preds = [{"id": ex.qid, **dataclasses.asdict(answers[ex.qid])} for ex in examples]
-        gold = [metrics.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
+        gold = [scores.SquadExample(ex.qid, tuple(a for a, _ in ex.answers)) for ex in examples]
         texts = {q: a.text for q, a in answers.items()}
         null = {q: a.null_score_diff for q, a in answers.items()} if settings.version_2 else None
-        m = metrics.squad_evaluate(gold, texts, "2.0" if settings.version_2 else "1.1", null_probs=null,
+        m = scores.squad_evaluate(gold, texts, "2.0" if settings.version_2 else "1.1", null_probs=null,
                                    null_threshold=settings.null_threshold)
         return EvalResult(m, preds)
 

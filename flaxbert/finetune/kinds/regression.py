@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxbert import metrics
+from flaxbert import scores
 from flaxbert.finetune.kinds._text import TextKind
 from flaxbert.finetune.kinds.base import EvalResult
 from flaxbert.losses import mean_squared_error
@@ -28,7 +28,7 @@ class Regression(TextKind):
         if "label" not in features[0]:
             return EvalResult({}, preds)
         gold = np.array([f["label"] for f in features])
-        return EvalResult({"pearson": metrics.pearson(pred, gold), "spearman": metrics.spearman(pred, gold)}, preds)
+        return EvalResult({"pearson": scores.pearson(pred, gold), "spearman": scores.spearman(pred, gold)}, preds)
 
 
 REGRESSION = Regression()

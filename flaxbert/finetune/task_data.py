@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from flaxbert.finetune import features as F
+from flaxbert.errors import DataError
+from flaxbert.infer import features as F
 from flaxbert.finetune import readers
-from flaxbert.finetune.readers import DataError
 from flaxbert.finetune.tasks import Task
 
 GLUE_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from flaxbert.metrics import softmax
-from flaxbert.finetune.readers import ChoiceExample, DataError, QAExample, TextExample, TokenExample
+from flaxbert.errors import DataError
+from flaxbert.infer.examples import ChoiceExample, QAExample, TextExample, TokenExample
+from flaxbert.scores import softmax
 
 IGNORE = -100  # token label of positions that are not scored (special tokens, later sub-tokens)
 

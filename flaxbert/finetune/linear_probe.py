@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxbert import hf
-from flaxbert import metrics as M
-from flaxbert.finetune import batching
+from flaxbert import scores as M
+from flaxbert.errors import DataError
+from flaxbert.infer import batching
+from flaxbert.infer import predict
 from flaxbert.finetune import evaluate as E
-from flaxbert.finetune.data import Columns, load_task_data, make_features
-from flaxbert.finetune.readers import DataError
-from flaxbert.finetune.kinds.classification import Classification, scores
+from flaxbert.finetune.task_data import Columns, load_task_data, make_features
+from flaxbert.finetune.kinds.classification import Classification, task_scores
 from flaxbert.finetune.tasks import get_task
 from flaxbert.model import encode
 
@@ -46,7 +47,7 @@ def embed_features(model: hf.PretrainedModel, features: Sequence[dict], pooling:
     """[N, hidden] float32 embeddings, in the order of `features`."""
     embed = make_embed(model.config, pooling)
     params = {"bert": model.params["bert"]}
-    outs = E.run_model(embed, params, features, batch_size, batching.bucket_boundaries(max_length), seq_outputs=False)
+    outs = predict.run_model(embed, params, features, batch_size, batching.bucket_boundaries(max_length), seq_outputs=False)
     return np.stack([r[0] for r in outs.rows]).astype(np.float32)
 
 
@@ -86,7 +87,7 @@ def extract_and_fit(cfg, pooling: str = "mean") -> dict:
             E.write_outputs(E.EvalResult({}, preds), task, out_dir, name)
             continue
         gold = np.array([f["label"] for f in feats])
-        result = E.EvalResult(scores(task, gold, pred, task.num_labels), preds,
+        result = E.EvalResult(task_scores(task, gold, pred, task.num_labels), preds,
                               M.confusion_matrix(gold, pred, task.num_labels))
         E.write_outputs(result, task, out_dir, name, extra={"pooling": pooling})
         text = classification_report(gold, pred, labels=list(range(task.num_labels)),
