@@ -201,6 +201,10 @@ class RunConfig:
         if d.loader_processes < 0:
             raise ConfigError(f"data.loader_processes must be >= 0, got {d.loader_processes}")
 
+    def checkpoint_dir(self) -> str:
+        """Where this run's checkpoints live: checkpoint.directory, or <run.output_dir>/checkpoints."""
+        return self.checkpoint.directory or os.path.join(self.run.output_dir, "checkpoints")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

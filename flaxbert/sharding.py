@@ -104,6 +104,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def place(tree, shardings):
+    """Host arrays (every process holds all of each) -> global jax.Arrays laid out as `shardings`."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     """Host-local numpy batch (this host's share of the global batch) -> global jax.Arrays.
 

@@ -162,3 +162,19 @@ def test_weights_prepass_is_pruned_by_xla():
     ours = jax.jit(lambda p, b: train_step.gradients(loss_fn, p, b, None, grad_accum=1))
     flops = lambda f: f.lower(params, batch).compile().cost_analysis()["flops"]  # noqa: E731
     assert flops(ours) <= 1.05 * flops(jax.jit(jax.grad(plain)))
+
+
+def test_the_loop_runs_checkpoints_and_resumes_with_the_pmap_layout(tmp_path):
+    """`run.step_impl=pmap` through the whole loop on 2 devices: steps, held-out eval, a checkpoint, and a
+    resumed second run (the batches go to the devices through the pmap layout's own sharding)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.path.dirname(HERE)}
+    args = [sys.executable, "-m", "flaxbert.pretrain", "--run.step_impl=pmap", "--checkpoint.every=2",
+            "--run.eval_every=2", "--run.progress=false", "--run.log_every=2", f"--run.output_dir={tmp_path / 'run'}"]
+    first = subprocess.run(args + ["--run.steps=4"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0 and "finished at step 4" in first.stdout, first.stderr[-3000:]
+    second = subprocess.run(args + ["--run.steps=6"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0 and "finished at step 6" in second.stdout, second.stderr[-3000:]
+    assert "resumed from step 4" in second.stderr

@@ -348,8 +348,7 @@ def _prior_best(loop_cfg: run_config.RunConfig, out_dir: str) -> Optional[dict]:
         return None
     with open(path, encoding="utf-8") as f:
         prior = json.load(f)
-    directory = loop_cfg.checkpoint.directory or os.path.join(loop_cfg.run.output_dir, "checkpoints")
-    checkpointer = Checkpointer(directory, keep=loop_cfg.checkpoint.keep, async_save=False)
+    checkpointer = Checkpointer(loop_cfg.checkpoint_dir(), keep=loop_cfg.checkpoint.keep, async_save=False)
     try:
         return prior if int(prior.get("step", -1)) in checkpointer.all_steps() else None
     finally:
@@ -384,8 +383,7 @@ def train_and_select(cfg: FinetuneConfig, p: Prepared) -> tuple[Best, BucketedBa
         raise RuntimeError(f"training stopped early ({result.reason}): {result.message}")
     best = hook.best
     if best.params is None:  # the best came before a resume: its checkpoint is the one read back
-        checkpointer, target = _restore_target(loop_cfg, init_params, axes, os.path.join(out_dir, "checkpoints")
-                                               if not loop_cfg.checkpoint.directory else loop_cfg.checkpoint.directory)
+        checkpointer, target = _restore_target(loop_cfg, init_params, axes, loop_cfg.checkpoint_dir())
         try:
             params = jax.device_get(checkpointer.restore(best.step, target)[0].params)
         finally:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxbert import run_config as rc
 from flaxbert import sharding as shd
@@ -81,10 +81,7 @@ class StateLayout:
         if params is None:
             fresh = lambda: make_state(self.init_params(jax.random.PRNGKey(self.seed)))  # noqa: E731
             return jax.jit(fresh, out_shardings=self.state)()
-        placed = jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s,
-                                                                        lambda idx: np.asarray(x)[idx]),
-                              params, self.params)
-        return jax.jit(make_state, out_shardings=self.state)(placed)
+        return jax.jit(make_state, out_shardings=self.state)(shd.place(params, self.params))
 
 
 def init_sharded_state(init_params, logical_axes, optimizer, mesh: Mesh, seed: int,
@@ -141,18 +138,18 @@ class _Pmap:
                                     nan_policy=r.nan_policy, dropout=dropout, donate=donate)
         self.eval_fn = jax.pmap(lambda p, b: jax.lax.psum(st.eval_stats(loss_fn, p, b), st.PMAP_AXIS),
                                 axis_name=st.PMAP_AXIS)
+        # a batch's leading [devices] axis split over the local devices (jax.device_put_sharded is gone)
+        self.batch_sharding = NamedSharding(jax.make_mesh((self.n,), (st.PMAP_AXIS,), devices=jax.local_devices()),
+                                            PartitionSpec(st.PMAP_AXIS))
 
     def to_layout(self, state):
         return st.replicate(jax.device_get(state), self.n)
 
     def to_checkpoint(self, state):
-        host = st.unreplicate(state)
-        return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-                            host, self.engine.state_layout.state)
+        return shd.place(st.unreplicate(state), self.engine.state_layout.state)
 
     def put(self, batch: dict) -> dict:
-        devices = jax.local_devices()
-        return {k: jax.device_put_sharded(list(v), devices) for k, v in shd.to_pmap(batch, self.n).items()}
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in shd.to_pmap(batch, self.n).items()}
 
     def step(self, state, device_batch, lr: Optional[float]):
         if lr is None:
@@ -178,7 +175,7 @@ class Engine:
     cfg: rc.RunConfig
     mesh: Mesh
     optimizer: optax.GradientTransformation
-    schedule: Callable
+    schedule: Optional[Callable]  # None with a wall-clock budget
     budget: bool  # the learning rate comes from the host (a wall-clock schedule), not the optimizer
     state_layout: StateLayout
     layout: Any = None  # _Sharded | _Pmap

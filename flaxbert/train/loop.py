@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -157,6 +157,12 @@ class _Clock:
             self._paused += time.perf_counter() - t
 
 
+class _Failure(NamedTuple):
+    kind: str  # nonfinite | diverged (the run's reason)
+    first_step: int  # where it began
+    message: str
+
+
 class _Progress:
     """The logged side of a run: pending device metrics fetched at log points, the metrics file, the progress
     bar (with the task's own keys) and the throughput of the steps since the last fetch."""
@@ -175,12 +181,9 @@ class _Progress:
         self.last: dict = {}
         self.t, self.steps, self.compiled, self.skipped = time.perf_counter(), 0, False, 0
         self.spikes = _SpikeWatch(cfg.run.spike_factor, cfg.run.spike_steps)
-        self.first_bad: Optional[int] = None  # the first step of a failure flush() reported ...
-        self.failure = ""  # ... and its kind: nonfinite | diverged
 
-    def flush(self) -> Optional[str]:
-        """Fetch pending metrics, log them; returns a diagnostic if a step was non-finite or the loss diverged
-        (then `first_bad` is the step where it began)."""
+    def flush(self) -> Optional[_Failure]:
+        """Fetch pending metrics and log them; a `_Failure` if a step was non-finite or the loss diverged."""
         if not self.pending:
             return None
         r = self.cfg.run
@@ -191,17 +194,15 @@ class _Progress:
         for s, m in fetched:
             if not bool(m["finite"]):
                 if r.nan_policy == "stop":
-                    self.first_bad, self.failure = s, "nonfinite"
-                    return (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
-                            f"grad_norm={float(m['grad_norm'])})")
+                    return _Failure("nonfinite", s, f"non-finite loss or gradient at step {s} "
+                                                    f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])})")
                 self.skipped += 1
                 log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)", s, self.skipped)
                 continue
             diverged = self.spikes.see(s, float(m["loss"]))
             if diverged:
                 if r.nan_policy == "stop":
-                    self.first_bad, self.failure = self.spikes.first, "diverged"
-                    return diverged
+                    return _Failure("diverged", self.spikes.first, diverged)
                 log.warning("%s (nan_policy=skip: the updates were applied; training goes on)", diverged)
             window.append(m)
         if window:
@@ -282,8 +283,7 @@ def train(cfg: rc.RunConfig, task: Job, snapshots: Optional[Snapshots] = None) -
     r, c = cfg.run, cfg.checkpoint
     engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
     is_main = jax.process_index() == 0
-    checkpointer = ckpt.Checkpointer(c.directory or os.path.join(r.output_dir, "checkpoints"), keep=c.keep,
-                                     async_save=c.async_save)
+    checkpointer = ckpt.Checkpointer(cfg.checkpoint_dir(), keep=c.keep, async_save=c.async_save)
     state, spent = _restore(cfg, task, engine, checkpointer)
     if is_main:
         rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
@@ -356,10 +356,10 @@ class _Run:
                 if at_log or at_save or preempt:
                     if not progress.compiled:
                         jax.block_until_ready(m)
-                    problem = progress.flush()
-                    if problem:  # the last good checkpoint was written before the first bad step
-                        good = [s for s in self.checkpointer.all_steps() if s < progress.first_bad]
-                        return progress.failure, (f"{problem}; stopping. The last good checkpoint is "
+                    failure = progress.flush()
+                    if failure:  # the last good checkpoint was written before the first bad step
+                        good = [s for s in self.checkpointer.all_steps() if s < failure.first_step]
+                        return failure.kind, (f"{failure.message}; stopping. The last good checkpoint is "
                                              f"{'step ' + str(good[-1]) if good else 'none'} in "
                                              f"{self.checkpointer.directory}")
                 if preempt:
