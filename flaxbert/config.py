@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from flaxbert import families
 from flaxbert.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "tanh", "silu", "swish")
@@ -127,11 +128,7 @@ class BertConfig:
         forward = L * per_layer + mlm + pooler
         return 3.0 * forward if training else forward
 
-    # ----- Hugging Face mapping ----------------------------------------------------------------
-    _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                  "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
-
+    # ----- Hugging Face mapping (per model_type: flaxbert.families) -----------------------------
     @classmethod
     def from_hf_config(cls, hf: Any, *, source: str = "config", **overrides) -> "BertConfig":
         """From a transformers `BertConfig`, a config.json dict, or a path to config.json / a model dir.
@@ -150,20 +147,20 @@ class BertConfig:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(hf, Mapping):
             hf = hf.to_dict()
-        model_type = hf.get("model_type", "bert")
-        if model_type != "bert":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, but flaxbert loads only 'bert' models")
+        family = families.family_for(hf.get("model_type", "bert"), source=source)
         pos_type = hf.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ConfigError(f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')")
-        fields = {k: hf[k] for k in cls._HF_FIELDS if k in hf and hf[k] is not None}
+        fields = family.fields_from_hf(hf)
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf_config(self, **extra) -> dict:
         """A config.json dict that transformers' BertConfig accepts."""
-        out = {k: getattr(self, k) for k in self._HF_FIELDS}
-        out.update(model_type="bert", position_embedding_type="absolute", architectures=["BertModel"])
+        family = families.BERT
+        out = family.fields_to_hf(dataclasses.asdict(self))
+        out.update(model_type=family.model_type, position_embedding_type="absolute",
+                   architectures=[family.base_architecture])
         out.update(extra)
         return out
 

@@ -121,3 +121,30 @@ def viterbi(emissions: Array, mask: Array, params: CRFParams) -> tuple[Array, Ar
 
     _, tags = jax.lax.scan(backward, last, (backs, m), reverse=True)
     return jnp.swapaxes(tags, 0, 1), jnp.where(started, best, 0.0)
+
+
+_viterbi_jit = jax.jit(viterbi)
+
+
+def decode(emissions: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: CRFParams,
+           chunk: int = 256) -> list[np.ndarray]:
+    """Viterbi tags of many sequences on the host: `emissions[i]` [n_i, K] and `masks[i]` [n_i] (the scored
+    positions); returns tags [n_i] (0 where unscored). Sequences are decoded in padded chunks of `chunk` rows
+    and a power-of-two length, so a few compiled shapes serve every eval set."""
+    out: list[np.ndarray] = []
+    k = int(params.transitions.shape[-1])
+    for lo in range(0, len(emissions), chunk):
+        em, ms = emissions[lo:lo + chunk], masks[lo:lo + chunk]
+        length = 1 << max(0, int(max(len(m) for m in ms)) - 1).bit_length()
+        e = np.zeros((chunk, length, k), np.float32)
+        m = np.zeros((chunk, length), bool)
+        for i, (x, y) in enumerate(zip(em, ms)):
+            e[i, :len(y)], m[i, :len(y)] = x, y
+        tags = np.asarray(_viterbi_jit(jnp.asarray(e), jnp.asarray(m), params)[0])
+        out.extend(tags[i, :len(y)] for i, y in enumerate(ms))
+    return out
+
+
+def bio_constrained(params: CRFParams, labels: Sequence[str]) -> CRFParams:
+    """`params` with the BIO constraints of the tag names `labels` (see `bio_constraints`)."""
+    return constrained(params, *(jnp.asarray(a) for a in bio_constraints(labels)))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxbert.config import BertConfig
+from flaxbert.crf import CRFParams
 from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, activation, check_batch, compute_dtype,
                             encoder_inputs, gather_positions, normal_init, zeros_init)
 
@@ -33,6 +34,11 @@ class SequenceClassifierOutput(NamedTuple):
 
 class TokenClassifierOutput(NamedTuple):
     logits: Array  # [batch, seq, num_labels]
+
+
+class TokenCRFOutput(NamedTuple):
+    logits: Array  # [batch, seq, num_labels] emission scores
+    crf: CRFParams  # transitions [num_labels, num_labels], start and end [num_labels] (no batch axis)
 
 
 class QuestionAnsweringOutput(NamedTuple):
@@ -108,6 +114,33 @@ class TokenClassificationHead(_HeadModule):
         return TokenClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(seq).astype(jnp.float32))
 
 
+# The CRF scores are kept divided by CRF_SCALE, so that AdamW (whose steps are about lr in a parameter's own
+# units) moves them CRF_SCALE times faster than the encoder: at fine-tuning rates (5e-5) zero-initialised
+# transitions would hardly move in an epoch. `crf_params` gives the real scores.
+CRF_SCALE = 100.0
+CRF_PARAM_NAMES = ("transitions", "start", "end")
+
+
+def crf_params(head_params: Mapping[str, Any]) -> CRFParams:
+    """The CRF scores of a `token_classification_crf` head's parameters."""
+    return CRFParams(*(jnp.asarray(head_params[n], jnp.float32) * CRF_SCALE for n in CRF_PARAM_NAMES))
+
+
+class TokenClassificationCRFHead(_HeadModule):
+    """The token classifier's logits as emission scores of a linear-chain CRF (flaxbert/crf.py) whose
+    transition, start and end scores start at zero (so the CRF starts as the per-token softmax)."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        seq = self.dropped(out.last_hidden_state)
+        logits = _classifier(self.config, self.num_labels, "classifier")(seq).astype(jnp.float32)
+        n = self.num_labels
+        shapes = {"transitions": ((n, n), ("labels", "labels")), "start": ((n,), ("labels",)),
+                  "end": ((n,), ("labels",))}
+        raw = {name: self.param(name, zeros_init(axes), shape, jnp.float32) for name, (shape, axes) in shapes.items()}
+        return TokenCRFOutput(logits, crf_params(raw))
+
+
 class QuestionAnsweringHead(_HeadModule):
     @nn.compact
     def __call__(self, out, batch, attend):
@@ -146,6 +179,7 @@ HEAD_TABLE: dict[str, HeadSpec] = {
     "masked_lm": HeadSpec(MaskedLMHead, masked_positions=True),
     "sequence_classification": HeadSpec(SequenceClassificationHead, sized_by_labels=True),
     "token_classification": HeadSpec(TokenClassificationHead, sized_by_labels=True),
+    "token_classification_crf": HeadSpec(TokenClassificationCRFHead, sized_by_labels=True),
     "question_answering": HeadSpec(QuestionAnsweringHead),
     "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True),
 }

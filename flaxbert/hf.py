@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxbert.config import BertConfig
 from flaxbert.errors import ConfigError, HFLoadError
-from flaxbert.heads import HEADS, init, param_shapes
+from flaxbert.heads import HEADS, init
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ ARCHITECTURES = {
     "question_answering": "BertForQuestionAnswering",
     "multiple_choice": "BertForMultipleChoice",
 }
+NO_POOLER_HEADS = ("token_classification",)  # HF builds these without a pooler (add_pooling_layer=False)
 _HEAD_OF_ARCH = {arch.replace("Bert", "FlaxBert"): head for head, arch in ARCHITECTURES.items()}
 _HEAD_OF_ARCH.update({arch: head for head, arch in ARCHITECTURES.items()})
 
@@ -327,7 +328,7 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
         if key in flat:
             put(f"bert/{our}", flat[key], key, False)
             used.add(key)
-        else:
+        elif not (head in NO_POOLER_HEADS and our.startswith("pooler/")):  # HF saves that head without one
             missing.append(f"bert/{our}")
     _stack_layers(flat, config, ours, used, missing)
     for our, hf_name in _HEAD_RULES[head]:
@@ -512,6 +513,8 @@ def save_pretrained(model: PretrainedModel, out_dir: str, *, tokenizer=None, fla
     os.makedirs(out_dir, exist_ok=True)
     head = model.head
     flat = flaxbert_to_hf(model.params, model.config, head)
+    if head in NO_POOLER_HEADS:  # as HF writes it: transformers would report the pooler as unexpected
+        flat = {k: v for k, v in flat.items() if not k.startswith("bert/pooler/")}
     extra = dict(model.hf_extra)
     if head in ("sequence_classification", "token_classification"):
         n = model.num_labels

@@ -16,10 +16,11 @@ from flaxbert.infer.predict import Outputs
 
 def evaluate(task: Task, examples: Sequence, features: Sequence[dict], outputs: Outputs,
              qa: F.QASettings = F.QASettings(), ner_scheme: Optional[str] = None, version_2: bool = False,
-             null_threshold: float = 0.0) -> EvalResult:
-    """Metrics and per-example predictions from per-feature model outputs, scored by the task's kind."""
+             null_threshold: float = 0.0, head_params=None) -> EvalResult:
+    """Metrics and per-example predictions from per-feature model outputs, scored by the task's kind
+    (`head_params`: the head's parameters, for kinds that decode with them)."""
     return task.spec.evaluate(task, examples, features, outputs,
-                              EvalSettings(qa, ner_scheme, version_2, null_threshold))
+                              EvalSettings(qa, ner_scheme, version_2, null_threshold, head_params))
 
 
 def write_outputs(result: EvalResult, task: Task, out_dir: str, name: str, extra: Optional[dict] = None) -> dict:

@@ -14,7 +14,7 @@ holds a longer example (then the next power of two), so only a few shapes compil
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 

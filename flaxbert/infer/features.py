@@ -96,6 +96,12 @@ def ner_features(tokenizer, examples: Sequence[TokenExample], max_length: int, l
     return out
 
 
+def word_starts(word_ids: np.ndarray) -> np.ndarray:
+    """[seq] bool: the first sub-token of each word (the positions NER scores)."""
+    w = np.asarray(word_ids)
+    return (w >= 0) & (w != np.concatenate([[-1], w[:-1]]))
+
+
 def word_predictions(word_ids: np.ndarray, token_pred: np.ndarray, num_words: int, outside: int) -> list[int]:
     """A word's prediction is its first sub-token's; words without a token (truncated) get `outside`."""
     words = [outside] * num_words

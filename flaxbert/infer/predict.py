@@ -15,10 +15,11 @@ from flaxbert.model import ENCODER_KEYS
 
 
 def make_forward(config, head: str) -> Callable:
-    """A jitted deterministic forward pass returning the head's logits as a tuple of arrays."""
+    """A jitted deterministic forward pass returning the head's logits as a tuple of arrays (parameters a head
+    hands its loss, such as the CRF's scores, are not per-row outputs and are left out)."""
     @jax.jit
     def forward(params, batch):
-        return tuple(apply_head(params, batch, config, head=head))
+        return tuple(x for x in apply_head(params, batch, config, head=head) if isinstance(x, jax.Array))
     return forward
 
 

@@ -8,10 +8,12 @@ from flaxbert.finetune.kinds.base import EvalResult, EvalSettings, Kind
 from flaxbert.finetune.kinds.classification import CLASSIFICATION
 from flaxbert.finetune.kinds.multiple_choice import MULTIPLE_CHOICE
 from flaxbert.finetune.kinds.ner import NER_KIND
+from flaxbert.finetune.kinds.ner_crf import NER_CRF, NER_CRF_UNCONSTRAINED
 from flaxbert.finetune.kinds.qa import QA_KIND
 from flaxbert.finetune.kinds.regression import REGRESSION
 
-KINDS: dict[str, Kind] = {k.name: k for k in (CLASSIFICATION, REGRESSION, NER_KIND, QA_KIND, MULTIPLE_CHOICE)}
+KINDS: dict[str, Kind] = {k.name: k for k in (CLASSIFICATION, REGRESSION, NER_KIND, QA_KIND, MULTIPLE_CHOICE,
+                                               NER_CRF, NER_CRF_UNCONSTRAINED)}
 
 
 def get_kind(name: str) -> Kind:

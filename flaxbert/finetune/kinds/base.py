@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from flaxbert import scores
+from flaxbert import hf, scores
 from flaxbert.losses import cross_entropy
 from flaxbert.train.step import LossOutput
 
@@ -34,6 +34,7 @@ class EvalSettings:
     ner_scheme: Optional[str] = None
     version_2: bool = False
     null_threshold: float = 0.0
+    head_params: Any = None  # the head's parameters, for kinds that decode with them (the CRF's Viterbi)
 
 
 def label_loss(logits, batch) -> LossOutput:
@@ -60,6 +61,7 @@ class Kind:
     sequence_outputs: ClassVar[bool] = False  # the head's outputs have a sequence axis (cut back per feature)
     names_labels: ClassVar[bool] = False  # the saved model carries id2label / label2id
     label_key: ClassVar[str] = "label"  # the feature key a featurized eval set has when it is labelled
+    crf_kinds: ClassVar[Optional[dict]] = None  # {crf_constraints: kind name} that task.crf=true trains instead
 
     def read(self, task, path: Path, columns) -> list:
         raise NotImplementedError
@@ -78,3 +80,10 @@ class Kind:
     def evaluate(self, task, examples: Sequence, features: Sequence[dict], outputs, settings: EvalSettings
                  ) -> EvalResult:
         raise NotImplementedError
+
+    def load_model(self, path: str, num_labels: int, on_head_mismatch: str) -> hf.PretrainedModel:
+        """The model directory with this kind's head (a HF directory; kinds with files of their own add them)."""
+        return hf.load_pretrained(path, head=self.head, num_labels=num_labels, on_head_mismatch=on_head_mismatch)
+
+    def save_model(self, model: hf.PretrainedModel, out_dir: str) -> None:
+        hf.save_pretrained(model, out_dir)

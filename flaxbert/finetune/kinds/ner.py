@@ -22,6 +22,7 @@ class NER(Kind):
     labels_from_data = True
     sequence_outputs = True
     names_labels = True
+    crf_kinds = {True: "ner_crf", False: "ner_crf_unconstrained"}  # task.crf=true, by task.crf_constraints
 
     def read(self, task, path: Path, columns) -> list:
         return readers.read_conll(path)
@@ -39,11 +40,16 @@ class NER(Kind):
         t = cross_entropy(out.logits, jnp.maximum(labels, 0), (labels >= 0) * batch["weight"][:, None])
         return LossOutput(terms={"ce": (t.loss_sum, t.weight)}, metrics={"accuracy": (t.correct, t.weight)})
 
+    def token_predictions(self, task, features, outputs, settings) -> list:
+        """The label id predicted at every token of each feature: the softmax argmax."""
+        return [r[0].argmax(-1) for r in outputs.rows]
+
     def evaluate(self, task, examples, features, outputs, settings) -> EvalResult:
         outside = task.labels.index("O") if "O" in task.labels else 0
         pred_tags = []
-        for ex, f, r in zip(examples, features, outputs.rows):
-            ids = F.word_predictions(f["word_ids"], r[0].argmax(-1), len(ex.words), outside)
+        token_preds = self.token_predictions(task, features, outputs, settings)
+        for ex, f, pred in zip(examples, features, token_preds):
+            ids = F.word_predictions(f["word_ids"], pred, len(ex.words), outside)
             pred_tags.append([task.labels[i] for i in ids])
         preds = [{"where": ex.where, "words": ex.words, "tags": tags} for ex, tags in zip(examples, pred_tags)]
         if examples[0].tags is None:
