@@ -4,6 +4,7 @@ ceiling, memory (device stats or host RSS), synthetic pretraining batches and HF
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -69,6 +70,15 @@ def setup_host(mode: str = "auto") -> str:
 def _host_setting() -> str:
     from flaxbert import host
     return host.current()
+
+
+def write_report(out: str, tag: str, report: dict, md: str) -> None:
+    """`out/tag.json` and `out/tag.md`: every benchmark's result files."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{tag}.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, f"{tag}.md"), "w", encoding="utf-8") as f:
+        f.write(md)
 
 
 def load_average() -> tuple[float, float, float]:

@@ -17,7 +17,6 @@ the sample's batches; the dynamic ones time all of them. A loss-parity check on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -250,12 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "load_average_end": common.load_average(), **measured}
     md = markdown(report)
     print(md)
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or f"finetune-sst2-{jax.devices()[0].platform}"
-    with open(os.path.join(args.out, f"{tag}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, f"{tag}.md"), "w", encoding="utf-8") as f:
-        f.write(md)
+    common.write_report(args.out, args.tag or f"finetune-sst2-{jax.devices()[0].platform}", report, md)
     return report
 
 

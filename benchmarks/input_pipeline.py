@@ -296,11 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def save() -> None:  # after every section, so that a failure later keeps what was measured
         report["load_average_end"] = common.load_average()
         report["wall_seconds"] = time.time() - t0
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.tag}.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.join(args.out, f"{args.tag}.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(report))
+        common.write_report(args.out, args.tag, report, markdown(report))
 
     with tempfile.TemporaryDirectory() as tmp:
         for seq in [int(s) for s in args.seqs.split(",") if s]:

@@ -114,11 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": common.machine_info(),
               "cell": args.cell, "wall_seconds_per_step": wall, "seconds_per_step": dict(rows)}
     tag = args.tag or f"profile-{platform}"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{tag}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, f"{tag}.md"), "w", encoding="utf-8") as f:
-        f.write(md)
+    common.write_report(args.out, tag, report, md)
     return report
 
 

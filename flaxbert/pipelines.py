@@ -19,7 +19,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from flaxbert import hf, scores
+from flaxbert import crf, crf_io, hf, scores
+from flaxbert.heads import crf_params
+from flaxbert.errors import ConfigError
 from flaxbert.infer import batching
 from flaxbert.infer import features as F
 from flaxbert.infer.examples import QAExample, TextExample
@@ -39,7 +41,7 @@ def _label_names(model: hf.PretrainedModel) -> list[str]:
 class _Pipeline:
     def __init__(self, model: hf.PretrainedModel, max_length: int, batch_size: int):
         if model.tokenizer is None:
-            raise ValueError("the model directory has no tokenizer (tokenizer.json or vocab.txt)")
+            raise hf.HFLoadError("the model directory has no tokenizer (tokenizer.json or vocab.txt)")
         self.model, self.batch_size = model, batch_size
         self.max_length = min(max_length, model.config.max_position_embeddings)
         self.boundaries = batching.bucket_boundaries(self.max_length)
@@ -71,6 +73,19 @@ class TextClassificationPipeline(_Pipeline):
 
 
 class NERPipeline(_Pipeline):
+    def __init__(self, model, max_length: int, batch_size: int, crf_constraints: bool = True):
+        super().__init__(model, max_length, batch_size)
+        self.crf = None  # a CRF model's decoding scores (heads' token_classification_crf)
+        if model.head == crf_io.HEAD:
+            self.crf = crf_params(model.params[model.head])
+            self.crf = crf.bio_constrained(self.crf, self.labels) if crf_constraints else self.crf
+
+    def _token_tags(self, logits: np.ndarray, word_ids: np.ndarray) -> np.ndarray:
+        """The label id at every token: the argmax, or a CRF model's Viterbi path over the words' first tokens."""
+        if self.crf is None:
+            return logits.argmax(-1)
+        return crf.decode([logits], [F.word_starts(word_ids)], self.crf)[0]
+
     def __call__(self, texts: Union[str, Sequence[str]]):
         """Entities as character spans of the input: {"entity", "word", "start", "end", "score"}.
         Words are the tokenizer's pre-tokens; a word's tag is its first sub-token's, and B-/I- tags are
@@ -96,11 +111,12 @@ class NERPipeline(_Pipeline):
                 if first[w] is None:
                     first[w], spans[w][0] = pos, s
                 spans[w][1] = e
-            tags = [self.labels[int(probs[first[w]].argmax())] for w in range(n_words)]
+            best = self._token_tags(logits, word_ids)
+            tags = [self.labels[int(best[first[w]])] for w in range(n_words)]
             entities = []
             for type_, a, b in scores.get_entities(tags):
                 start, end = spans[a][0], spans[b][1]
-                score = float(np.mean([probs[first[w]].max() for w in range(a, b + 1)]))
+                score = float(np.mean([probs[first[w], best[first[w]]] for w in range(a, b + 1)]))
                 entities.append({"entity": type_, "word": text[start:end], "start": int(start), "end": int(end),
                                  "score": score})
             results.append(entities)
@@ -132,14 +148,19 @@ class QuestionAnsweringPipeline(_Pipeline):
 def pipeline(task: str, model_dir: str, *, max_length: int = 384, batch_size: int = 32):
     """A callable predictor for `task` ("text-classification", "ner", "question-answering")."""
     if task not in TASKS:
-        raise ValueError(f"unknown pipeline task {task!r}; choose one of {sorted(TASKS)}")
-    model = hf.load_pretrained(model_dir, head=TASKS[task], num_labels=None, on_head_mismatch="error")
+        raise ConfigError(f"unknown pipeline task {task!r}; choose one of {sorted(TASKS)}")
+    extra = {}
+    if TASKS[task] == "token_classification" and crf_io.present(model_dir):  # a CRF model decodes with Viterbi
+        model = crf_io.load_pretrained(model_dir, None, on_head_mismatch="error")
+        extra["crf_constraints"] = crf_io.constrained(model_dir)
+    else:
+        model = hf.load_pretrained(model_dir, head=TASKS[task], num_labels=None, on_head_mismatch="error")
     if model.report is not None and model.report.initialized:
-        raise ValueError(f"{model_dir}: has no trained {TASKS[task]} head "
+        raise hf.HFLoadError(f"{model_dir}: has no trained {TASKS[task]} head "
                          f"(missing: {', '.join(model.report.initialized[:4])}); fine-tune it first")
     cls = {"sequence_classification": TextClassificationPipeline, "token_classification": NERPipeline,
            "question_answering": QuestionAnsweringPipeline}[TASKS[task]]
-    return cls(model, max_length, batch_size)
+    return cls(model, max_length, batch_size, **extra)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -151,25 +172,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--context", action="append", default=[])
     p.add_argument("--top-k", type=int, default=1)
     args = p.parse_args(argv)
-    try:
+    from flaxbert import cli
+
+    def predict() -> int:
         pipe = pipeline(args.task, args.model_dir)
-    except (ValueError, hf.HFLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if TASKS[args.task] == "question_answering":
-        if not args.question or len(args.question) != len(args.context):
-            print("error: give as many --question as --context", file=sys.stderr)
-            return 2
-        results = pipe(args.question, args.context)
-    else:
-        texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-        if not texts:
-            print("error: no input texts", file=sys.stderr)
-            return 2
-        results = pipe(texts, top_k=args.top_k) if isinstance(pipe, TextClassificationPipeline) else pipe(texts)
-    for r in results:
-        print(json.dumps(r, ensure_ascii=False))
-    return 0
+        if TASKS[args.task] == "question_answering":
+            if not args.question or len(args.question) != len(args.context):
+                raise ConfigError("give as many --question as --context")
+            results = pipe(args.question, args.context)
+        else:
+            texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
+            if not texts:
+                raise ConfigError("no input texts (give them as arguments, or '-' to read lines from stdin)")
+            results = pipe(texts, top_k=args.top_k) if isinstance(pipe, TextClassificationPipeline) else pipe(texts)
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+
+    return cli.run("flaxbert.pipelines", predict)
 
 
 if __name__ == "__main__":

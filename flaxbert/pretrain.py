@@ -47,43 +47,43 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from flaxbert import host
-    from flaxbert import run_config as rc
+    from flaxbert import cli, host
 
     # transformers (used here for tokenizers only) advises at import that it found no PyTorch: not for this run
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     host.configure_logging()
-    try:
-        cfg = rc.load(*parse_args(sys.argv[1:] if argv is None else argv))
-    except rc.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    where: dict = {}
+    return cli.run("flaxbert.pretrain", lambda: _pretrain(argv, where), lambda: where.get("output_dir"))
 
+
+def _pretrain(argv: Optional[Sequence[str]], where: dict) -> int:
+    from flaxbert import cli, host
+    from flaxbert import run_config as rc
+
+    cfg = rc.load(*parse_args(sys.argv[1:] if argv is None else argv))
+    where["output_dir"] = cfg.run.output_dir
     host.reuse_freed_memory()  # before XLA starts its threads: see flaxbert/host.py
     from flaxbert.train import loop  # imports jax: after the config is known to be good
 
     loop.initialize_distributed(cfg.run)
-    from flaxbert.data import DataError
     from flaxbert.train import pretraining
-    from flaxbert.vocab import VocabError
 
-    try:
-        cfg, task = pretraining.build_task(cfg)
-    except (rc.ConfigError, DataError, VocabError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = loop.train(cfg, task)
-    except DataError as e:  # e.g. a resume whose data settings differ from the checkpoint's: nothing was written
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    cfg, task = pretraining.build_task(cfg)  # validates everything before writing anything
     import jax
 
+    if jax.process_index() == 0:
+        cli.log_to(cfg.run.output_dir)
+    result = loop.train(cfg, task)
     if jax.process_index() != 0:  # logging from process 0 only
         return 1 if result.reason in ("nonfinite", "diverged") else 0
     m = result.last_metrics
     summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "mlm_accuracy", "nsp_accuracy", "eval_mlm_accuracy")
                         if k in m)
+    if "eval_mlm_accuracy" in m and task.eval_batches is not None:  # what "learned" means: beside a guess
+        base = pretraining.unigram_baseline(pretraining.data_dirs(cfg)[0], task.eval_batches, cfg.run.eval_batches)
+        if base:
+            summary += (f" (always guessing the most frequent token {base[0]}: {base[1]:.4f}; "
+                        f"{m['eval_mlm_accuracy'] / max(base[1], 1e-9):.1f}x that)")
     print(f"{result.reason} at step {result.step}: {summary}. Outputs in {cfg.run.output_dir}"
           + (f"\n{result.message}" if result.message else ""))
     return 1 if result.reason in ("nonfinite", "diverged") else 0

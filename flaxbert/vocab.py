@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 from flaxbert.data.corpus import iter_texts
-from flaxbert.errors import DataError, VocabError
+from flaxbert.errors import VocabError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's ids 0..4 in a trained vocab
 
@@ -184,16 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--limit-alphabet", type=int, default=1000)
     args = parser.parse_args(argv)
+    from flaxbert import cli
 
-    try:
-        tokenizer = train_wordpiece(args.corpus, args.vocab_size, args.out, lowercase=not args.cased,
-                                    min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet,
-                                    corpus_format=args.format, text_column=args.text_column, show_progress=True)
-        report = round_trip(tokenizer, (t for spec in args.corpus
-                                        for t in iter_texts(spec, args.format, text_column=args.text_column)))
-    except (VocabError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run("flaxbert.vocab", lambda: _train_and_report(args))  # the traceback: not into the vocab dir
+
+
+def _train_and_report(args) -> int:
+    tokenizer = train_wordpiece(args.corpus, args.vocab_size, args.out, lowercase=not args.cased,
+                                min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet,
+                                corpus_format=args.format, text_column=args.text_column, show_progress=True)
+    report = round_trip(tokenizer, (t for spec in args.corpus
+                                    for t in iter_texts(spec, args.format, text_column=args.text_column)))
     print(f"wrote {args.out}: {len(tokenizer)} tokens; round trip: {report.words} words, "
           f"{report.unk_words} mapped to [UNK], {len(report.mismatches)} other mismatches")
     if report.unk_examples:

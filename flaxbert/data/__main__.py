@@ -7,7 +7,6 @@ import json
 import sys
 
 from flaxbert.data.corpus import FORMATS
-from flaxbert.errors import DataError, VocabError
 
 
 def main(argv=None) -> int:
@@ -32,19 +31,21 @@ def main(argv=None) -> int:
     p.add_argument("--model-vocab-size", type=int, default=None, help="fail if the tokenizer is larger")
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    from flaxbert import cli
+
+    return cli.run("flaxbert.data", lambda: _prepare(args))  # the traceback: not into the output dir
+
+
+def _prepare(args) -> int:
     from flaxbert.data.shards import prepare
 
-    try:
-        manifest = prepare(args.corpus, args.tokenizer, args.out, corpus_format=args.format,
-                           text_column=args.text_column, max_seq_length=args.max_seq_length,
-                           max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
-                           short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
-                           whole_word_masking=args.whole_word_masking, seed=args.seed, nsp=not args.no_nsp,
-                           num_shards=args.num_shards,
-                           workers=args.workers, model_vocab_size=args.model_vocab_size, overwrite=args.overwrite)
-    except (DataError, VocabError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare(args.corpus, args.tokenizer, args.out, corpus_format=args.format,
+                       text_column=args.text_column, max_seq_length=args.max_seq_length,
+                       max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
+                       short_seq_prob=args.short_seq_prob, dupe_factor=args.dupe_factor,
+                       whole_word_masking=args.whole_word_masking, seed=args.seed, nsp=not args.no_nsp,
+                       num_shards=args.num_shards,
+                       workers=args.workers, model_vocab_size=args.model_vocab_size, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, **manifest["counts"], **manifest["throughput"]}))
     return 0
 

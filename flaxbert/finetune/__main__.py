@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from typing import Sequence
-from flaxbert.errors import ConfigError, DataError
 
 
 # short flags -> dotted config keys
@@ -40,25 +39,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("--optim.freeze_encoder=true")
     if args.no_progress:
         overrides.append("--run.progress=false")
-    try:
-        from flaxbert.finetune.run import finetune, load_config
+    from flaxbert import cli
 
-        cfg = load_config(args.config, list(rest) + overrides)
-        if args.eval_only:
-            from flaxbert.finetune.run import evaluate_model
+    where: dict = {}
+    return cli.run("flaxbert.finetune", lambda: _run(args, list(rest) + overrides, where),
+                   lambda: where.get("output_dir"))
 
-            print(json.dumps(evaluate_model(cfg), indent=2))
-            return 0
-        if args.features:
-            from flaxbert.finetune.linear_probe import extract_and_fit
 
-            report = extract_and_fit(cfg, pooling=args.pooling)
-            print(json.dumps(report["metrics"], indent=2))
-            return 0
-        result = finetune(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args, overrides: list[str], where: dict) -> int:
+    from flaxbert.finetune.run import finetune, load_config
+
+    cfg = load_config(args.config, overrides)
+    where["output_dir"] = cfg.run.run.output_dir
+    if args.eval_only:
+        from flaxbert.finetune.run import evaluate_model
+
+        print(json.dumps(evaluate_model(cfg), indent=2))
+        return 0
+    if args.features:
+        from flaxbert.finetune.linear_probe import extract_and_fit
+
+        report = extract_and_fit(cfg, pooling=args.pooling)
+        print(json.dumps(report["metrics"], indent=2))
+        return 0
+    result = finetune(cfg)
     print(json.dumps({"best_step": result.best_step, "eval": result.metrics,
                       "real_tokens_per_sec": round(result.real_tokens_per_sec, 1),
                       "output_dir": result.output_dir}, indent=2))

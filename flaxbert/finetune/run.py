@@ -66,12 +66,26 @@ class TaskSettings:
     max_answer_length: int = 30
     version_2: bool = False  # SQuAD 2.0: unanswerable questions, null threshold tuned on dev
     save_model: bool = True  # write the best model as a HF directory (output_dir/best_model)
+    crf: bool = False  # NER: a linear-chain CRF over the token classifier (loss and Viterbi decoding)
+    crf_constraints: bool = True  # with crf: BIO constraints at decoding (I-X only after B-X or I-X)
 
     def __post_init__(self):
+        if self.crf:
+            kind = get_task(self.name).spec if self.name else None
+            if kind is None or not kind.crf_kinds:
+                raise ConfigError(f"task.crf=true is for NER tasks (kind ner); task {self.name or '(none)'!r} is "
+                                  f"{'of kind ' + repr(kind.name) if kind else 'not named'}")
+            if self.label_all_tokens:
+                raise ConfigError("task.crf=true scores each word's first sub-token only; drop "
+                                  "task.label_all_tokens=true")
         if self.on_head_mismatch not in ("reinit", "error"):
             raise ConfigError(f"task.on_head_mismatch must be 'reinit' or 'error', got {self.on_head_mismatch!r}")
         if self.ner_scheme not in ("", "IOB2", "BIO", "IOB1"):
             raise ConfigError(f"task.ner_scheme must be '', 'IOB2' or 'IOB1', got {self.ner_scheme!r}")
+
+    def configured(self, task: Task) -> Task:
+        """`task` as these settings train it: with crf, its kind's CRF variant."""
+        return dataclasses.replace(task, kind=task.spec.crf_kinds[self.crf_constraints]) if self.crf else task
 
     def feature_settings(self) -> FeatureSettings:
         qa = F.QASettings(self.max_length, self.doc_stride, self.max_query_length, self.n_best_size,
@@ -127,8 +141,7 @@ def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
         if is_pretraining_run(settings.model):
             model = load_pretraining_run(settings.model, task.head, num_labels)
         else:
-            model = hf.load_pretrained(settings.model, head=task.head, num_labels=num_labels,
-                                       on_head_mismatch=settings.on_head_mismatch)
+            model = task.spec.load_model(settings.model, num_labels, settings.on_head_mismatch)
     except hf.HFLoadError as e:
         message = str(e)
         raise DataError(message if settings.model in message else f"{settings.model}: {message}") from None
@@ -292,10 +305,11 @@ class Prepared:
 def prepare(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Prepared:
     """Read the task's data, load the model with its head and make the features."""
     s = cfg.task
-    task = get_task(s.name)
+    task = s.configured(get_task(s.name))
     if task_data is None:
         task_data = load_task_data(task, s.data, columns=Columns(s.text_column, s.text_pair_column, s.label_column),
                                    max_train=s.max_train_examples, max_eval=s.max_eval_examples)
+    task_data = dataclasses.replace(task_data, task=s.configured(task_data.task))
     model = load_model(task_data.task, s)
     task = saved_label_order(model, task_data.task)
     if s.max_length > model.config.max_position_embeddings:
@@ -427,7 +441,8 @@ def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, l
         outs = predict.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.spec.sequence_outputs,
                            progress=progress, desc=f"eval {name} @{step}")
         results[name] = E.evaluate(task, task_data.evals[name], feats, outs, s.feature_settings().qa,
-                                   ner_scheme=s.ner_scheme or None, version_2=s.version_2)
+                                   ner_scheme=s.ner_scheme or None, version_2=s.version_2,
+                                   head_params=params[task.head])
         if writer is not None:
             writer.write(step, {**results[name].metrics, "real_tokens_per_sec": outs.real_tokens / outs.seconds},
                          split=f"eval_{name}")
@@ -438,7 +453,8 @@ def evaluate_model(cfg: FinetuneConfig) -> dict[str, dict[str, float]]:
     """Evaluate a fine-tuned model directory on the task's eval sets (no training); writes the same
     per-set metrics, predictions and plots as `finetune`."""
     s, out_dir = cfg.task, cfg.run.run.output_dir
-    td = load_task_data(get_task(s.name), s.data, columns=Columns(s.text_column, s.text_pair_column, s.label_column),
+    td = load_task_data(s.configured(get_task(s.name)), s.data,
+                        columns=Columns(s.text_column, s.text_pair_column, s.label_column),
                         with_train=False, max_eval=s.max_eval_examples)
     model = load_model(td.task, s)
     if model.report is not None and model.report.initialized:
@@ -499,4 +515,4 @@ def save_model(model: hf.PretrainedModel, task: Task, params, out_dir: str) -> N
         extra["id2label"] = {str(i): name for i, name in enumerate(task.labels)}
         extra["label2id"] = {name: i for i, name in enumerate(task.labels)}
     extra["finetuning_task"] = task.name
-    hf.save_pretrained(dataclasses.replace(model, params=params, head=task.head, hf_extra=extra), out_dir)
+    task.spec.save_model(dataclasses.replace(model, params=params, head=task.head, hf_extra=extra), out_dir)

@@ -10,6 +10,7 @@ The data iterator state is a small JSON file per process next to the step (each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ class Checkpointer:
         self.data_dir = self.directory.parent / (self.directory.name + "_data_state")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._pending: Optional[int] = None  # the step of the latest save started
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -63,9 +65,25 @@ class Checkpointer:
         path.mkdir(parents=True, exist_ok=True)
         (path / f"process_{jax.process_index()}.json").write_text(json.dumps(data_state))
         meta = {"step": int(step), "fingerprint": fingerprint(state), **(extra or {})}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        with self._saving():  # an earlier async save's failure surfaces here
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        self._pending = int(step)
         self._prune_data_states()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """A failed save (a full disk, a lost mount) as one CheckpointError that names the step and says what
+        is kept; orbax only ever commits a step by renaming its finished temporary directory."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:
+            kept = [s for s in self.all_steps() if s != self._pending]
+            raise CheckpointError(f"saving the checkpoint of step {self._pending} in {self.directory} failed "
+                                  f"({type(e).__name__}: {e}); the run stops; the checkpoints kept: "
+                                  f"{kept or 'none'}") from e
 
     def _prune_data_states(self) -> None:
         """Drop the data states of checkpoints that orbax has deleted (older than the newest kept)."""
@@ -77,7 +95,8 @@ class Checkpointer:
                 d.rmtree()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._saving():
+            self.manager.wait_until_finished()
         self._prune_data_states()
 
     def restore(self, step: int, target) -> tuple[Any, Any, dict]:
@@ -138,5 +157,8 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            with self._saving():
+                self.manager.wait_until_finished()
+        finally:
+            self.manager.close()

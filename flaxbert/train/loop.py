@@ -171,6 +171,7 @@ class _Progress:
         r = cfg.run
         self.cfg, self.task = cfg, task
         self.writer = mx.MetricsWriter(r.output_dir, enabled=is_main)
+        self.writer.rewind(start)  # steps logged after the restored checkpoint are retrained: never twice
         self.peak = mx.peak_flops(jax.devices()[0].device_kind, r.peak_flops)
         self.bar = None
         if is_main and r.progress:

@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from importlib import resources
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxbert import heads
 from flaxbert import run_config as rc
 from flaxbert.config import BertConfig
+from flaxbert.errors import DataError
 from flaxbert.losses import pretraining_losses
+from flaxbert.train import rundir
 from flaxbert.train.loop import Job
 from flaxbert.train.step import LossOutput
 
@@ -31,6 +35,13 @@ def make_loss_fn(config: BertConfig, nsp: bool = True):
         return LossOutput(terms={k: (t.loss_sum, t.weight) for k, t in losses.items()},
                           metrics={f"{k}_accuracy": (t.correct, t.weight) for k, t in losses.items()})
     return loss_fn
+
+
+log = logging.getLogger(__name__)
+
+# why the demo trains MLM only (configs/tiny.yaml): printed when it does
+PACKAGED_CORPUS_NSP = ("most paragraphs of the packaged Meditations are a single sentence, so most of its "
+                       "next-sentence pairs would be random ones and NSP would teach little")
 
 
 def packaged_corpus() -> str:
@@ -71,37 +82,104 @@ def split_documents(specs, fmt, eval_fraction: float, out_dir: str) -> tuple[str
     return paths["train"], (paths["eval"] if every else None)
 
 
+def data_dirs(cfg: rc.RunConfig) -> tuple[str, str]:
+    """Where a run's prepared train and held-out data are: the given directories, or under output_dir."""
+    if cfg.data.prepared_dir:
+        return cfg.data.prepared_dir, cfg.data.eval_prepared_dir
+    return tuple(os.path.join(cfg.run.output_dir, "prepared", split) for split in ("train", "eval"))
+
+
 def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[str]]:
-    """Prepared train/eval dirs: given ones, or built once under output_dir (process 0) and reused."""
+    """Prepared train/eval dirs: given ones, or built under output_dir (process 0) and reused while their
+    fingerprint matches (see train/rundir.py)."""
+    train_dir, eval_dir = data_dirs(cfg)
+    if cfg.data.prepared_dir:
+        return train_dir, eval_dir or None
+    failure: Optional[BaseException] = None
+    if jax.process_index() == 0:
+        try:
+            _ensure_data(cfg, model, train_dir, eval_dir)
+        except Exception as e:  # the others must hear of it, or they would wait for the data forever
+            failure = e
+    if jax.process_count() > 1:
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None)))
+        if failed and failure is None:
+            raise DataError(f"process 0 could not prepare the data in {os.path.dirname(train_dir)}; "
+                            "its error is on its stderr")
+    if failure is not None:
+        raise failure
+    return train_dir, (eval_dir if os.path.exists(os.path.join(eval_dir, "manifest.json")) else None)
+
+
+def _wanted_data(cfg: rc.RunConfig, model: BertConfig, known: Optional[dict]) -> dict:
+    """The data fingerprint this run asks for: corpus files, format, vocabulary source and data settings."""
+    from flaxbert import vocab
+
+    d = cfg.data
+    specs, fmt = _corpus(d)
+    if d.vocab:
+        source = {"from": os.path.abspath(d.vocab), "sha256": vocab.tokenizer_fingerprint(vocab.load_tokenizer(d.vocab))}
+    else:
+        shipped = packaged_vocab(model.vocab_size, d.lowercase) if not d.corpus else None
+        source = {"from": "shipped" if shipped else "trained here", "vocab_size": model.vocab_size,
+                  "lowercase": d.lowercase}
+    settings = {**dataclasses.asdict(d.prepare_settings()), "eval_fraction": d.eval_fraction}
+    return rundir.data_fingerprint(specs, fmt, settings, source, known)
+
+
+def _ensure_data(cfg: rc.RunConfig, model: BertConfig, train_dir: str, eval_dir: str) -> None:
+    """Reuse the prepared data (and the vocabulary trained here) when their fingerprint matches this run's;
+    else rebuild them when nothing has trained on them, or refuse (rundir.RunDir.check_data)."""
+    d, out = cfg.data, cfg.run.output_dir
+    run_dir = rundir.RunDir(out, cfg.checkpoint_dir())
+    want = _wanted_data(cfg, model, run_dir.record.get("data"))
+    own_vocab = os.path.join(out, "vocab")
+    prepared = os.path.exists(os.path.join(train_dir, "manifest.json"))
+    has = prepared or (not d.vocab and os.path.isdir(own_vocab))
+    matches = run_dir.check_data(want, has)
+    if matches and prepared:
+        return
+    run_dir.data_cleared()
+    if not matches:
+        for stale in [os.path.join(out, "prepared")] + ([own_vocab] if not d.vocab else []):
+            shutil.rmtree(stale, ignore_errors=True)
+    made_vocab = not d.vocab and not os.path.exists(os.path.join(own_vocab, "vocab.txt"))
+    try:
+        _build_data(cfg, model, train_dir, eval_dir)
+    except BaseException:  # no artifact of a failed build is left where a later run would take it
+        shutil.rmtree(os.path.join(out, "prepared"), ignore_errors=True)
+        if made_vocab:
+            shutil.rmtree(own_vocab, ignore_errors=True)
+        raise
+    run_dir.data_built(want)
+
+
+def _build_data(cfg: rc.RunConfig, model: BertConfig, train_dir: str, eval_dir: str) -> None:
     from flaxbert import data, vocab
 
     d, out = cfg.data, cfg.run.output_dir
-    if d.prepared_dir:
-        return d.prepared_dir, d.eval_prepared_dir or None
-    train_dir, eval_dir = os.path.join(out, "prepared", "train"), os.path.join(out, "prepared", "eval")
-    done = os.path.join(train_dir, "manifest.json")
-    if jax.process_index() == 0 and not os.path.exists(done):
-        specs, fmt = _corpus(d)
-        train_txt, eval_txt = split_documents(specs, fmt, d.eval_fraction, os.path.join(out, "prepared", "text"))
-        if not os.path.getsize(train_txt):  # name the user's corpus, not the split file made from it
-            raise data.DataError(f"{', '.join(specs)}: the corpus holds no text")
-        tokenizer = d.vocab or os.path.join(out, "vocab")
-        if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
-            shipped = packaged_vocab(model.vocab_size, d.lowercase) if not d.corpus else None
-            if shipped:  # the demo: the vocabulary trained once on the same split (training one is not repeatable)
-                os.makedirs(tokenizer, exist_ok=True)
-                shutil.copy(shipped, os.path.join(tokenizer, "vocab.txt"))
-                vocab.load_tokenizer(tokenizer).save_pretrained(tokenizer)
-            else:
-                vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase,
-                                      corpus_format="bert")
-        kw = dict(model_vocab_size=model.vocab_size, overwrite=True, progress=False, corpus_format="bert")
-        if eval_txt:
-            data.prepare(eval_txt, tokenizer, eval_dir, d.prepare_settings(), **kw)
-        data.prepare(train_txt, tokenizer, train_dir, d.prepare_settings(), **kw)  # last: its manifest marks "done"
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("flaxbert_prepare")
-    return train_dir, (eval_dir if os.path.exists(os.path.join(eval_dir, "manifest.json")) else None)
+    specs, fmt = _corpus(d)
+    train_txt, eval_txt = split_documents(specs, fmt, d.eval_fraction, os.path.join(out, "prepared", "text"))
+    if not os.path.getsize(train_txt):  # name the user's corpus, not the split file made from it
+        raise data.DataError(f"{', '.join(specs)}: the corpus holds no text")
+    if eval_txt and not os.path.getsize(eval_txt):
+        log.warning("%s: too few documents to hold out data.eval_fraction=%g of them; "
+                                            "no held-out evaluation", ", ".join(specs), d.eval_fraction)
+        eval_txt = None
+    tokenizer = d.vocab or os.path.join(out, "vocab")
+    if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
+        shipped = packaged_vocab(model.vocab_size, d.lowercase) if not d.corpus else None
+        if shipped:  # the demo: the vocabulary trained once on the same split (training one is not repeatable)
+            os.makedirs(tokenizer, exist_ok=True)
+            shutil.copy(shipped, os.path.join(tokenizer, "vocab.txt"))
+            vocab.load_tokenizer(tokenizer).save_pretrained(tokenizer)
+        else:
+            vocab.train_wordpiece(train_txt, model.vocab_size, tokenizer, lowercase=d.lowercase,
+                                  corpus_format="bert")
+    kw = dict(model_vocab_size=model.vocab_size, overwrite=True, progress=False, corpus_format="bert")
+    if eval_txt:
+        data.prepare(eval_txt, tokenizer, eval_dir, d.prepare_settings(), **kw)
+    data.prepare(train_txt, tokenizer, train_dir, d.prepare_settings(), **kw)  # last: its manifest marks "done"
 
 
 def model_config(cfg: rc.RunConfig):
@@ -128,6 +206,46 @@ def _model_tokenizer_sha256(cfg: rc.RunConfig, manifest: dict) -> str:
     return manifest["tokenizer_sha256"]
 
 
+def unigram_baseline(train_dir: str, eval_batches: Callable[[], Iterable[dict]], limit: int,
+                     max_tokens: int = 100_000_000) -> Optional[tuple[int, float]]:
+    """(token id, held-out MLM accuracy) of always predicting the most frequent token of the train data (over
+    its first `max_tokens` tokens), scored on the same held-out batches and masks as the run's evaluation."""
+    from flaxbert.data.loader import PreparedData
+
+    prepared, counts, seen = PreparedData(train_dir), None, 0
+    for shard in prepared.flat:
+        tokens = np.asarray(shard["tokens"][:max(0, max_tokens - seen)])
+        seen += len(tokens)
+        c = np.bincount(tokens)
+        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + \
+            np.pad(c, (0, max(0, len(counts) - len(c))))
+    if counts is None or not counts.any():
+        return None
+    top, hits, weight = int(np.argmax(counts)), 0.0, 0.0
+    for i, batch in enumerate(eval_batches()):
+        if i >= limit:
+            break
+        w = np.asarray(batch["masked_lm_weights"], np.float64)
+        hits += float(((np.asarray(batch["masked_lm_ids"]) == top) * w).sum())
+        weight += float(w.sum())
+    return (top, hits / weight) if weight else None
+
+
+def _note_nsp(cfg: rc.RunConfig, manifest: dict, train_dir: str) -> None:
+    """Say when next-sentence prediction is off, and why; warn when the pairs it would learn from are mostly
+    random ones (a corpus of one-sentence documents), where its accuracy says little."""
+    if jax.process_index() != 0:
+        return
+    counts = manifest["counts"]
+    if not cfg.data.nsp:
+        log.info("next-sentence prediction is off (data.nsp=false): MLM only%s",
+                 "" if cfg.data.corpus or cfg.data.prepared_dir else f", because {PACKAGED_CORPUS_NSP}")
+    elif counts["instances"] and counts["random_next"] / counts["instances"] > 0.6:
+        log.warning("%s: %.0f%% of the next-sentence pairs are random ones (the corpus's documents are mostly a "
+                    "single sentence), so NSP accuracy says little; data.nsp=false trains MLM only", train_dir,
+                    100 * counts["random_next"] / counts["instances"])
+
+
 def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     """Everything the loop needs for MLM+NSP pretraining; errors in the config or data surface here,
     before anything compiles."""
@@ -136,6 +254,8 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     model, initial = model_config(cfg)
     cfg = dataclasses.replace(cfg, model=model)  # re-runs the static checks against the loaded model
     mesh_shape = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())  # before preparing
+    if cfg.run.overwrite and jax.process_index() == 0:
+        rundir.overwrite(cfg.run.output_dir, cfg.checkpoint_dir())
     train_dir, eval_dir = _prepare_data(cfg, model)
     manifest = data.load_manifest(train_dir)
     rc.check_vocab_size(cfg, manifest["vocab_size"])
@@ -145,6 +265,10 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     if cfg.data.nsp and not manifest.get("nsp", True):
         raise rc.ConfigError(f"{train_dir} holds single-segment (MLM-only) instances, which have no next-sentence "
                              f"labels; set data.nsp=false, or prepare the corpus with sentence pairs")
+    _note_nsp(cfg, manifest, train_dir)
+    # checkpoints of another model, optimizer or train data are refused here, in one line, by every process
+    rundir.RunDir(cfg.run.output_dir, cfg.checkpoint_dir()).check_state(
+        rundir.state_fingerprint(model, cfg.optim.name, manifest), write=jax.process_index() == 0)
     d, per_host = cfg.data, cfg.run.global_batch_size // jax.process_count()
     common = dict(batch_size=per_host, process_index=jax.process_index(), process_count=jax.process_count(),
                   masking=d.masking, packed=d.packed, tokenizer_sha256=_model_tokenizer_sha256(cfg, manifest))

@@ -67,6 +67,33 @@ class MetricsWriter:
             else:
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
+    def rewind(self, step: int) -> int:
+        """Start logging after `step` (where the run resumes, 0 for a fresh start): records of later steps, from
+        a run that stopped before checkpointing them, move to metrics.dropped.jsonl with a notice, so that
+        metrics.jsonl never holds a step twice. Returns how many moved."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        keep, later = [], []
+        for line in lines:
+            try:
+                (keep if json.loads(line).get("step", 0) <= step else later).append(line)
+            except ValueError:  # a line torn by a kill: not a record
+                later.append(line)
+        if not later:
+            return 0
+        with open(os.path.join(os.path.dirname(self.path), "metrics.dropped.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(later)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        log.warning("%s: %d records after step %d come from a run that stopped before checkpointing them; "
+                    "moved to metrics.dropped.jsonl (%s)", self.path, len(later), step,
+                    "no checkpoint to resume from: starting at step 0" if step == 0 else f"resuming at step {step}")
+        return len(later)
+
     def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
         if not self.enabled:
             return
