@@ -122,7 +122,7 @@ CASES = [
     Case("a config file that does not exist", PRETRAIN + ["--config={tmp}/nowhere.yaml"]),
     Case("a config file that is not YAML", PRETRAIN + ["--config={tmp}/bad.yaml"],
          lambda tmp: _write(os.path.join(tmp, "bad.yaml"), "model: [unclosed\n")),
-    Case("hidden size not divisible by the heads", PRETRAIN + ["--model.hidden_size=100"]),
+    Case("hidden size not divisible by the heads", PRETRAIN + ["--model.hidden_size=100", "--model.num_attention_heads=3"]),
     Case("an output directory under a file", ["flaxbert.pretrain", "--run.output_dir={tmp}/a-file/run", *FAST],
          lambda tmp: _write(os.path.join(tmp, "a-file"), "")),
     # corpora and vocabularies
@@ -159,7 +159,7 @@ CASES = [
     Case("resume with the latest checkpoint truncated", RESUME, _corrupt_latest, needs_run=True, expect=0),
     Case("metrics.jsonl but no checkpoint (killed before the first save)", RESUME,
          lambda tmp: shutil.rmtree(os.path.join(tmp, "run", "checkpoints")), needs_run=True, expect=0),
-    Case("a checkpoint directory that is a file", RESUME + ["--checkpoint.dir={tmp}/a-file"],
+    Case("a checkpoint directory that is a file", RESUME + ["--checkpoint.directory={tmp}/a-file"],
          lambda tmp: _write(os.path.join(tmp, "a-file"), ""), needs_run=True),
     # Hugging Face checkpoints and fine-tuning
     Case("a config.json with hidden_size 12,000,000", FINETUNE + ["--task=sst2", "--model={tmp}/model",
@@ -175,12 +175,11 @@ CASES = [
     Case("an unknown task", FINETUNE + ["--task=sst3", "--model={minilm}", f"--data={SST2}"]),
     Case("a data directory without the task's files", FINETUNE + ["--task=sst2", "--model={minilm}",
                                                                  "--data={tmp}"]),
-    Case("a CSV label outside the label set", FINETUNE + ["--task=custom", "--model={minilm}",
-                                                         "--data=train={tmp}/train.csv,dev={tmp}/dev2.csv",
-                                                         "--task.labels=neg,pos"],
+    Case("a CSV label outside the label set", FINETUNE + ["--task=text_classification", "--model={minilm}",
+                                                         "--data=train={tmp}/train.csv,dev={tmp}/dev2.csv"],
          lambda tmp: (_custom_csv("good film,pos\nbad film,neg\n")(tmp),
                       _write(os.path.join(tmp, "dev2.csv"), "text,label\ngood film,pos\nok film,maybe\n"))),
-    Case("a CSV without a label column", FINETUNE + ["--task=custom", "--model={minilm}",
+    Case("a CSV without a label column", FINETUNE + ["--task=text_classification", "--model={minilm}",
                                                     "--data=train={tmp}/train.csv,dev={tmp}/dev.csv"],
          lambda tmp: (_write(os.path.join(tmp, "train.csv"), "text,target\ngood film,pos\n"),
                       _write(os.path.join(tmp, "dev.csv"), "text,target\ngood film,pos\n"))),
@@ -221,7 +220,7 @@ def _flaxbert_lines(stderr: str) -> list[str]:
 
 def _shown(text: str, tmp: str, corpus: str, minilm: str) -> str:
     text = text.replace(tmp, "<tmp>").replace(corpus, "<corpus>").replace(minilm, "<all-MiniLM-L6-v2>")
-    text = text.replace(DATA, "../shared/data").replace(tempfile.gettempdir(), "<tmpdir>")
+    text = text.replace(DATA, "../shared/data").replace(REPO, "<checkout>").replace(tempfile.gettempdir(), "<tmpdir>")
     return re.sub(r"<tmpdir>/flaxbert-\w+-[\d-]+\.log", "<tmpdir>/....log", text)
 
 
