@@ -163,8 +163,8 @@ def _build_data(cfg: rc.RunConfig, model: BertConfig, train_dir: str, eval_dir: 
     if not os.path.getsize(train_txt):  # name the user's corpus, not the split file made from it
         raise data.DataError(f"{', '.join(specs)}: the corpus holds no text")
     if eval_txt and not os.path.getsize(eval_txt):
-        log.warning("%s: too few documents to hold out data.eval_fraction=%g of them; "
-                                            "no held-out evaluation", ", ".join(specs), d.eval_fraction)
+        log.warning("%s: too few documents to hold out data.eval_fraction=%g of them; no held-out evaluation",
+                    ", ".join(specs), d.eval_fraction)
         eval_txt = None
     tokenizer = d.vocab or os.path.join(out, "vocab")
     if not d.vocab and not os.path.exists(os.path.join(tokenizer, "vocab.txt")):
@@ -212,14 +212,13 @@ def unigram_baseline(train_dir: str, eval_batches: Callable[[], Iterable[dict]],
     its first `max_tokens` tokens), scored on the same held-out batches and masks as the run's evaluation."""
     from flaxbert.data.loader import PreparedData
 
-    prepared, counts, seen = PreparedData(train_dir), None, 0
+    prepared, seen = PreparedData(train_dir), 0
+    counts = np.zeros(int(prepared.manifest["vocab_size"]), np.int64)
     for shard in prepared.flat:
         tokens = np.asarray(shard["tokens"][:max(0, max_tokens - seen)])
         seen += len(tokens)
-        c = np.bincount(tokens)
-        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + \
-            np.pad(c, (0, max(0, len(counts) - len(c))))
-    if counts is None or not counts.any():
+        counts += np.bincount(tokens, minlength=len(counts))
+    if not counts.any():
         return None
     top, hits, weight = int(np.argmax(counts)), 0.0, 0.0
     for i, batch in enumerate(eval_batches()):
