@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Callable, Optional
@@ -72,7 +73,21 @@ def run(prog: str, body: Callable[[], int], log_dir: Callable[[], Optional[str]]
         path = _write_traceback(prog, directory)
         where = f" [traceback: {path}]" if path else ""
         print(f"{prog}: {_kind(e)}: {one_line(e)}{where}", file=sys.stderr)
+        if isinstance(e, CheckpointError) and _stuck_save_threads():
+            # A save that failed before its directory existed leaves orbax's worker threads waiting for a
+            # "directory created" signal that never comes (up to its async timeout, 10 minutes): the process
+            # would not exit. What the run had saved is committed and the log is flushed, so exit now.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
+
+
+def _stuck_save_threads() -> list[threading.Thread]:
+    """orbax's non-daemon background threads still alive (in a process whose checkpoint save failed)."""
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+            and not t.daemon and type(t).__module__.startswith("orbax")]
 
 
 def log_to(directory: str) -> None:

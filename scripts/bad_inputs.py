@@ -194,6 +194,9 @@ TESTED = [
      "test_run_dir.py::test_kill9_during_an_async_save_resumes_bitwise_and_a_full_disk_stops_cleanly"),
     ("a full disk (ENOSPC) during a save", "`checkpoint error: saving the checkpoint of step N in DIR failed "
      "(...); the run stops; the checkpoints kept: [...]`, exit 2; the previous checkpoint survives", "same test"),
+    ("the checkpoint directory replaced by a file after the start (a lost mount)", "the same one line, exit 2 "
+     "at once (orbax's save threads would otherwise keep the process waiting for its 10-minute timeout)",
+     "same test"),
     ("kill -9 at random moments, then resume", "bitwise the same run", "test_train_checkpoint.py"),
     ("SIGTERM", "a checkpoint at the current step, then exit; resume continues", "test_train_checkpoint.py"),
     ("a loss that blows up (1e13) before it goes non-finite", "`run.spike_factor`: the spike run stops or "

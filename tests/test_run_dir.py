@@ -159,6 +159,24 @@ def test_kill9_during_an_async_save_resumes_bitwise_and_a_full_disk_stops_cleanl
     resumed = _run([f"--run.output_dir={full}", *common])
     assert resumed.returncode == 0 and "resumed from step 2" in resumed.stderr, resumed.stderr[-3000:]
 
+    # a save that fails before its directory exists: orbax's save threads would keep the process alive
+    gone = str(tmp_path / "gone")
+    proc = _run([script, "gone", "0", f"--run.output_dir={gone}", *common], module=None)  # it used to hang
+    _one_line(proc, "flaxbert.pretrain", "saving the checkpoint of step 2", "Not a directory")
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_refused_before_training(tmp_path):
+    from flaxbert.errors import CheckpointError
+    from flaxbert.train.checkpoint import Checkpointer
+
+    for name in ("ckpt", "ckpt_data_state"):
+        (tmp_path / name).write_text("not a directory")
+        with pytest.raises(CheckpointError, match=f"{name} exists but is a file"):
+            Checkpointer(str(tmp_path / "ckpt"))
+        (tmp_path / name).unlink()
+    Checkpointer(str(tmp_path / "ckpt")).close()
+    assert (tmp_path / "ckpt").is_dir()
+
 
 def test_a_data_refusal_on_process_0_stops_every_process(tmp_path):
     """Process 0 prepares the data; when it fails, the others stop with a line that points to it, instead of

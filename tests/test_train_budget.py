@@ -87,9 +87,7 @@ def _overrides(out_dir, prepared_dir, *extra):
             "--run.log_every=1", "--run.eval_every=0", "--run.progress=false", *extra]
 
 
-def test_budget_run_stops_on_time_and_its_rate_reaches_the_end_value(tmp_path, prepared):
-    out = tmp_path / "budget"
-    budget_s = 15.0
+def _budget_run(out, prepared, budget_s):
     cmd = [sys.executable, "-m", "flaxbert.pretrain",
            *_overrides(out, prepared / "train-nsp1", f"--run.budget_minutes={budget_s / 60}", "--run.steps=1000000",
                        "--checkpoint.every=100000", "--optim.lr=1e-3", "--optim.end_lr=1e-5",
@@ -99,7 +97,18 @@ def test_budget_run_stops_on_time_and_its_rate_reaches_the_end_value(tmp_path, p
     assert done.returncode == 0, done.stderr[-3000:]
     spent = re.search(r"budget of [\d.]+ min spent: (\d+) steps in ([\d.]+) s of training", done.stdout)
     assert spent, done.stdout[-2000:]
-    steps, seconds = int(spent.group(1)), float(spent.group(2))
+    return int(spent.group(1)), float(spent.group(2))
+
+
+def test_budget_run_stops_on_time_and_its_rate_reaches_the_end_value(tmp_path, prepared):
+    # The budget counts compilation. On a loaded machine (the suite runs two workers on two cores) compiling can
+    # take most of 15 s; then the run is redone, in a fresh directory, with a budget four times as long, so that
+    # the checks below always see a run of many steps.
+    for attempt, budget_s in enumerate((15.0, 60.0)):
+        out = tmp_path / f"budget{attempt}"
+        steps, seconds = _budget_run(out, prepared, budget_s)
+        if steps > 20:
+            break
     records = latest_by_step(read_jsonl(str(out / "metrics.jsonl")))
     assert max(records) == steps > 20
     lrs = [records[s]["lr"] for s in sorted(records)]

@@ -52,6 +52,10 @@ class Checkpointer:
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self.data_dir = self.directory.parent / (self.directory.name + "_data_state")
+        for path in (self.directory, self.data_dir):  # refused before the first step, not at the first save
+            if path.exists() and not path.is_dir():
+                raise CheckpointError(f"checkpoint directory {path} exists but is a file, not a directory; "
+                                      f"choose another --checkpoint.directory or move the file away")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._pending: Optional[int] = None  # the step of the latest save started
