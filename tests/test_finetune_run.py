@@ -62,6 +62,12 @@ def test_stsb_regression_end_to_end(tmp_path, tiny):
     assert saved["main_metric"] == "pearson" and saved["train"]["real_tokens_per_sec"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["split"] == "train" and np.isfinite(r["mse_loss"]) for r in records)
+    # the loop's one writer also holds each evaluation, once per evaluated step, with the best step's scores
+    evals = [r for r in records if r["split"] == "eval_dev"]
+    assert len({r["step"] for r in evals}) == len(evals) >= 1
+    best = next(r for r in evals if r["step"] == saved["best_step"])
+    assert best["pearson"] == pytest.approx(result.metrics["dev"]["pearson"], abs=1e-6)
+    assert best["real_tokens_per_sec"] > 0
     reloaded = hf.load_pretrained(str(out / "best_model"), head="auto")
     assert reloaded.head == "sequence_classification" and reloaded.num_labels == 1
     # the saved best model, evaluated on its own, scores what the run reported for its best step

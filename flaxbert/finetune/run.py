@@ -31,7 +31,6 @@ from flaxbert.heads import apply_head, init, logical_axes
 from flaxbert.train import loop
 from flaxbert.train.checkpoint import Checkpointer
 from flaxbert.train.engine import Trained, build_engine
-from flaxbert.train.writer import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +278,8 @@ class SelectBest(loop.Snapshots):
     def due(self, step: int, train_seconds: float) -> bool:
         return step % self.every == 0
 
-    def take(self, step: int, train_seconds: float, params) -> None:
+    def take(self, step: int, train_seconds: float, params) -> dict[str, dict]:
+        """Scores the eval sets; returns their records (`eval_<set>`: metrics and speed) for metrics.jsonl."""
         results = self.evaluate(params, step)
         score = _main_metric(self.task, {n: r.metrics for n, r in results.items()})
         log.info("step %d: %s = %.4f %s", step, self.task.main_metric, score,
@@ -288,6 +288,8 @@ class SelectBest(loop.Snapshots):
             self.best = Best(score, step, params, results)
             with open(self.path, "w", encoding="utf-8") as f:
                 json.dump({"step": step, "score": score, "metrics": {n: r.metrics for n, r in results.items()}}, f)
+        speed = lambda r: {} if r.real_tokens_per_sec is None else {"real_tokens_per_sec": r.real_tokens_per_sec}  # noqa: E731
+        return {f"eval_{n}": {**r.metrics, **speed(r)} for n, r in results.items()}
 
 
 @dataclasses.dataclass
@@ -381,9 +383,9 @@ def train_and_select(cfg: FinetuneConfig, p: Prepared) -> tuple[Best, BucketedBa
              len(p.train_features), steps_per_epoch, loop_cfg.run.steps,
              f"packed rows of {min(s.pack_length, s.max_length)}" if p.pack else f"buckets {list(p.boundaries)}",
              [f"{k}({len(v)})" for k, v in p.eval_features.items()])
-    forward, writer = predict.make_forward(config, head), MetricsWriter(out_dir)  # eval_<set> records beside train
+    forward = predict.make_forward(config, head)
     evaluate = lambda params, step: evaluate_sets(p.task, p.task_data, p.eval_features, forward,  # noqa: E731
-                                                  params, s, p.boundaries, cfg.run.run.progress, writer, step)
+                                                  params, s, p.boundaries, cfg.run.run.progress, step)
     hook = SelectBest(eval_every, evaluate, p.task, out_dir, _prior_best(loop_cfg, out_dir))
     # the loop reports batch x seq_len tokens per second; with the mean real length per row that is
     # (up to the filler rows of short batches) the real-token throughput rather than max_length's
@@ -392,7 +394,6 @@ def train_and_select(cfg: FinetuneConfig, p: Prepared) -> tuple[Best, BucketedBa
     result = loop.train(loop_cfg, loop.Job(init_params, axes, make_loss_fn(p.task, config), batches, mean_len,
                                             initial_params=p.model.params), snapshots=hook)
     train_time = time.perf_counter() - t0
-    writer.close()
     if result.reason != "finished":
         raise RuntimeError(f"training stopped early ({result.reason}): {result.message}")
     best = hook.best
@@ -433,9 +434,8 @@ def finetune(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Finet
 
 
 def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, list], forward, params,
-                  s: TaskSettings, boundaries, progress: bool, writer: Optional[MetricsWriter] = None,
-                  step: int = 0) -> dict[str, E.EvalResult]:
-    """Every eval set through the model, scored with the task's metrics (logged to `writer`)."""
+                  s: TaskSettings, boundaries, progress: bool, step: int = 0) -> dict[str, E.EvalResult]:
+    """Every eval set through the model, scored with the task's metrics."""
     results = {}
     for name, feats in eval_features.items():
         outs = predict.run_model(forward, params, feats, s.eval_batch_size, boundaries, task.spec.sequence_outputs,
@@ -443,9 +443,7 @@ def evaluate_sets(task: Task, task_data: TaskData, eval_features: Mapping[str, l
         results[name] = E.evaluate(task, task_data.evals[name], feats, outs, s.feature_settings().qa,
                                    ner_scheme=s.ner_scheme or None, version_2=s.version_2,
                                    head_params=params[task.head])
-        if writer is not None:
-            writer.write(step, {**results[name].metrics, "real_tokens_per_sec": outs.real_tokens / outs.seconds},
-                         split=f"eval_{name}")
+        results[name].real_tokens_per_sec = outs.real_tokens / outs.seconds
     return results
 
 

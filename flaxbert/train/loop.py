@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -129,13 +129,15 @@ class DevicePrefetch:
 class Snapshots:
     """A hook for taking the parameters out during training (e.g. to evaluate them elsewhere): `due` is asked
     after every step; when it says yes, and after the last step, `take` gets the host parameters. The training
-    clock is stopped meanwhile. Subclass it; this base takes none."""
+    clock is stopped meanwhile. `take` may return records {split: metrics}, which the loop writes to its
+    metrics.jsonl at that step (an evaluation's scores beside the training records). Subclass it; this base
+    takes none."""
 
     def due(self, step: int, train_seconds: float) -> bool:
         return False
 
-    def take(self, step: int, train_seconds: float, params) -> None:
-        pass
+    def take(self, step: int, train_seconds: float, params) -> Optional[Mapping[str, Mapping[str, float]]]:
+        return None
 
 
 class _Clock:
@@ -380,5 +382,7 @@ class _Run:
             progress.evaluated(self.step, ev)
         if snapshots is not None and (done or snapshots.due(self.step, self.clock.seconds())):
             with self.clock.pause():
-                snapshots.take(self.step, self.clock.seconds(), self.engine.host_params(self.state))
+                records = snapshots.take(self.step, self.clock.seconds(), self.engine.host_params(self.state))
+            for split, metrics in (records or {}).items():
+                progress.writer.write(self.step, metrics, split=split)
             progress.t = time.perf_counter()

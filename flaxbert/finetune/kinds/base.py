@@ -24,6 +24,7 @@ class EvalResult:
     predictions: list[dict]  # one JSON-able record per example
     confusion: Optional[np.ndarray] = None  # classification
     entity_report: Optional[dict] = None  # NER: type -> EntityScores
+    real_tokens_per_sec: Optional[float] = None  # the eval pass's speed over real (non-pad) tokens
 
 
 @dataclasses.dataclass(frozen=True)
