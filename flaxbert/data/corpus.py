@@ -21,11 +21,10 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from flaxbert.errors import DataError
 
-FORMATS = ("bert", "lines", "wikitext", "jsonl", "csv", "tsv", "parquet", "hf", "tfds")
 _EXTENSIONS = {".txt": "bert", ".tokens": "wikitext", ".raw": "wikitext", ".jsonl": "jsonl", ".json": "jsonl",
                ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
@@ -304,23 +303,22 @@ def read_documents(specs, fmt: str | None = None, *, text_column: str = "text") 
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown corpus format {fmt!r}; choose one of {FORMATS}")
     for spec in expand(specs):
-        kind = fmt or guess_format(spec)
-        if kind == "hf":
-            yield from _read_hf(spec.removeprefix("hf:"), text_column)
-        elif kind == "tfds":
-            yield from _read_tfds(spec.removeprefix("tfds:"), text_column)
-        elif kind == "bert":
-            yield from _read_bert(Path(spec))
-        elif kind == "lines":
-            yield from _read_lines(Path(spec))
-        elif kind == "wikitext":
-            yield from _read_wikitext(Path(spec))
-        elif kind == "jsonl":
-            yield from _read_jsonl(Path(spec), text_column)
-        elif kind == "parquet":
-            yield from _read_parquet(Path(spec), text_column)
-        else:
-            yield from _read_csv(Path(spec), text_column, "\t" if kind == "tsv" else ",")
+        yield from READERS[fmt or guess_format(spec)](spec, text_column)
+
+
+# format -> reader(spec, text_column): the one table that says how each corpus format is read
+READERS: dict[str, Callable[[str, str], Iterator[Document]]] = {
+    "bert": lambda spec, col: _read_bert(Path(spec)),
+    "lines": lambda spec, col: _read_lines(Path(spec)),
+    "wikitext": lambda spec, col: _read_wikitext(Path(spec)),
+    "jsonl": lambda spec, col: _read_jsonl(Path(spec), col),
+    "csv": lambda spec, col: _read_csv(Path(spec), col, ","),
+    "tsv": lambda spec, col: _read_csv(Path(spec), col, "\t"),
+    "parquet": lambda spec, col: _read_parquet(Path(spec), col),
+    "hf": lambda spec, col: _read_hf(spec.removeprefix("hf:"), col),
+    "tfds": lambda spec, col: _read_tfds(spec.removeprefix("tfds:"), col),
+}
+FORMATS = tuple(READERS)
 
 
 def iter_texts(specs, fmt: str | None = None, *, text_column: str = "text") -> Iterable[str]:
