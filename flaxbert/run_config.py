@@ -146,7 +146,7 @@ class RunSettings:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: BertConfig = BertConfig.tiny(vocab_size=2048, max_position_embeddings=128)
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(nsp=False)  # the demo trains MLM only (configs/tiny.yaml says why)
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     run: RunSettings = RunSettings()

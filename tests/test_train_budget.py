@@ -175,4 +175,5 @@ def test_nsp_on_mlm_only_data_is_refused_naming_the_setting(tmp_path, prepared):
     from flaxbert.train import pretraining
 
     with pytest.raises(rc.ConfigError, match="data.nsp=false"):
-        pretraining.build_task(rc.load("", _overrides(tmp_path / "x", prepared / "train-nsp0", "--run.steps=2")))
+        pretraining.build_task(rc.load("", _overrides(tmp_path / "x", prepared / "train-nsp0", "--run.steps=2",
+                                                      "--data.nsp=true")))

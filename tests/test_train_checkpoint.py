@@ -115,7 +115,7 @@ def _command(out_dir, prepared):
             "--model.hidden_size=32", "--model.num_attention_heads=2", "--model.intermediate_size=64",
             "--model.vocab_size=512", "--model.max_position_embeddings=32", "--data.seq_len=32",
             "--run.global_batch_size=8", f"--run.steps={STEPS}", "--run.log_every=1", "--run.eval_every=0",
-            "--checkpoint.every=8", "--run.progress=false", "--data.masking=dynamic"]
+            "--checkpoint.every=8", "--run.progress=false", "--data.masking=dynamic", "--data.nsp=true"]
 
 
 def _env():
