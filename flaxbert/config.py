@@ -33,6 +33,8 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # HF model_type of the family (flaxbert.families): its config.json names, heads and which embeddings exist
+    model_type: str = "bert"
     # --- flaxbert-only settings (not part of a HF config) ---
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention_impl: str = "xla"  # xla einsum | dot_product_attention (jax.nn, XLA) | cudnn (GPU, 16-bit, padded rows)
@@ -40,8 +42,14 @@ class BertConfig:
     remat_policy: str = "none"  # activation checkpointing per layer; see REMAT_POLICIES
 
     def __post_init__(self):
+        family = families.family_for(self.model_type, source="BertConfig")
+        for name, only in family.fixed_fields.items():  # e.g. DistilBERT: no token types, eps 1e-12
+            if getattr(self, name) != only:
+                raise ConfigError(f"BertConfig.{name} must be {only!r} for model_type {self.model_type!r} (its "
+                                  f"config.json has no such setting), got {getattr(self, name)!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+                     "intermediate_size", "max_position_embeddings") + (("type_vocab_size",) if family.token_types
+                                                                        else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"BertConfig.{name} must be a positive integer, got {value!r}")
@@ -108,6 +116,10 @@ class BertConfig:
 
     # ----- derived values ----------------------------------------------------------------------
     @property
+    def family(self) -> families.Family:
+        return families.family_for(self.model_type)
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -148,19 +160,17 @@ class BertConfig:
         if not isinstance(hf, Mapping):
             hf = hf.to_dict()
         family = families.family_for(hf.get("model_type", "bert"), source=source)
-        pos_type = hf.get("position_embedding_type", "absolute")
-        if pos_type != "absolute":
-            raise ConfigError(f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')")
+        family.check_hf(hf, source)
         fields = family.fields_from_hf(hf)
-        fields.update(overrides)
+        fields.update(model_type=family.model_type, **overrides)
         return cls(**fields)
 
     def to_hf_config(self, **extra) -> dict:
-        """A config.json dict that transformers' BertConfig accepts."""
-        family = families.BERT
+        """A config.json dict that transformers' config class of this family (BertConfig, ...) accepts."""
+        family = self.family
         out = family.fields_to_hf(dataclasses.asdict(self))
-        out.update(model_type=family.model_type, position_embedding_type="absolute",
-                   architectures=[family.base_architecture])
+        out.update(family.required)
+        out.update(model_type=family.model_type, architectures=[family.base_architecture])
         out.update(extra)
         return out
 

@@ -2,14 +2,15 @@
 
 A family describes how a HF config.json of that model_type maps onto `BertConfig` fields. The code that
 reads HF configs asks `family_for(model_type)`; it does not test model_type strings itself. Adding a
-family means one `Family` here (its config names and flags) plus its parameter names in hf.py.
+family means one `Family` here (its config names and flags) plus its parameter names in hf.py (and its
+head variants, if any, in heads.FAMILY_HEADS).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from flaxbert.errors import ConfigError
 
@@ -17,6 +18,15 @@ from flaxbert.errors import ConfigError
 BERT_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
                   "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
+BERT_ARCHITECTURES = {
+    None: "BertModel",
+    "pretraining": "BertForPreTraining",
+    "masked_lm": "BertForMaskedLM",
+    "sequence_classification": "BertForSequenceClassification",
+    "token_classification": "BertForTokenClassification",
+    "question_answering": "BertForQuestionAnswering",
+    "multiple_choice": "BertForMultipleChoice",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,25 +36,72 @@ class Family:
     model_type: str  # HF config.json `model_type`
     # HF config key -> BertConfig field, for keys whose names differ from BERT's (DistilBERT's `dim`, ...).
     config_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    base_architecture: str = "BertModel"  # `architectures` written for a bare encoder
+    # head (None: the bare encoder) -> HF class name written to / read from `architectures`
+    architectures: Mapping[Optional[str], str] = dataclasses.field(default_factory=lambda: dict(BERT_ARCHITECTURES))
+    # BertConfig fields this family's config.json does not carry, with the only value they take
+    fixed_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # config.json keys whose only supported value is given (absent means that value); written on save
+    required: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"position_embedding_type": "absolute"})
+    token_types: bool = True  # a token-type (segment) embedding; without it token_type_ids are ignored
+    pooler: bool = True  # a dense+tanh pooler on [CLS] (BERT's); without it pooled_output is None
+    refused_heads: Mapping[str, str] = dataclasses.field(default_factory=dict)  # head -> why this family has none
+    # config.json keys kept verbatim on load and written back on save (HF settings flaxbert does not use)
+    passthrough_keys: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "config_names", MappingProxyType(dict(self.config_names)))
+        for name in ("config_names", "architectures", "fixed_fields", "required", "refused_heads"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def base_architecture(self) -> str:
+        """`architectures` written for a bare encoder."""
+        return self.architectures[None]
+
+    def check_hf(self, hf: Mapping[str, Any], source: str) -> None:
+        """A ConfigError naming the key for a config.json setting this family supports only one value of."""
+        for key, only in self.required.items():
+            value = hf.get(key, only)
+            if value != only:
+                raise ConfigError(f"{source}: {key} {value!r} is not supported (only {only!r})")
 
     def fields_from_hf(self, hf: Mapping[str, Any]) -> dict:
         """The BertConfig fields set in a config.json dict (None values are left to the defaults)."""
         renamed = {self.config_names.get(k, k): v for k, v in hf.items()}
-        return {k: renamed[k] for k in BERT_HF_FIELDS if renamed.get(k) is not None}
+        fields = {k: renamed[k] for k in BERT_HF_FIELDS if renamed.get(k) is not None and k not in self.fixed_fields}
+        fields.update(self.fixed_fields)
+        return fields
 
     def fields_to_hf(self, fields: Mapping[str, Any]) -> dict:
         """config.json keys for BertConfig `fields`, under this family's names."""
         back = {v: k for k, v in self.config_names.items()}
-        return {back.get(k, k): fields[k] for k in BERT_HF_FIELDS}
+        return {back.get(k, k): fields[k] for k in BERT_HF_FIELDS if k not in self.fixed_fields}
+
+    def check_head(self, head: Optional[str]) -> None:
+        """A ConfigError for a head this family does not have."""
+        if head in self.refused_heads:
+            raise ConfigError(f"model_type {self.model_type!r} has no {head!r} head: {self.refused_heads[head]}")
 
 
 BERT = Family(model_type="bert")
 
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.model_type: f for f in (BERT,)})
+# DistilBERT: BERT's post-LN layer under other names, no token types, no pooler; its sentence heads put a
+# dense+ReLU (`pre_classifier`) on token 0 instead (flaxbert.heads.FAMILY_HEADS).
+DISTILBERT = Family(
+    model_type="distilbert",
+    config_names={"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                  "hidden_dim": "intermediate_size", "activation": "hidden_act", "dropout": "hidden_dropout_prob",
+                  "attention_dropout": "attention_probs_dropout_prob"},
+    architectures={head: arch.replace("Bert", "DistilBert") for head, arch in BERT_ARCHITECTURES.items()
+                   if head != "pretraining"},
+    fixed_fields={"type_vocab_size": 0, "layer_norm_eps": 1e-12},
+    required={"sinusoidal_pos_embds": False},
+    token_types=False,
+    pooler=False,
+    refused_heads={"pretraining": "DistilBERT has no next-sentence prediction; use 'masked_lm'"},
+    passthrough_keys=("qa_dropout", "seq_classif_dropout"),
+)
+
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.model_type: f for f in (BERT, DISTILBERT)})
 
 
 def family_for(model_type: str, *, source: str = "config") -> Family:

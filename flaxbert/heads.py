@@ -1,6 +1,7 @@
 """Task heads on top of the encoder, one module per head registered in `HEAD_TABLE`, the combined module, and
 the functional API: `init`, `apply_head`, `logical_axes`. Heads return small NamedTuples. A new head is a
-module here and one line in the table (and its HF names in hf.py)."""
+module here and one line in the table (and its HF names in hf.py); a family whose head differs in shape
+(DistilBERT's pre_classifier) registers its variant in `FAMILY_HEADS`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 
 from flaxbert.config import BertConfig
 from flaxbert.crf import CRFParams
-from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, activation, check_batch, compute_dtype,
-                            encoder_inputs, gather_positions, normal_init, zeros_init)
+from flaxbert.model import (BertEncoder, Dropout, InputError, LayerNorm, activation, check_batch, cls_states,
+                            compute_dtype, encoder_inputs, gather_positions, normal_init, zeros_init)
 
 Array = jax.Array
 
@@ -157,6 +158,34 @@ class MultipleChoiceHead(_HeadModule):
         return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(pooled).astype(jnp.float32)[..., 0])
 
 
+def _pre_classified(head: _HeadModule, out, batch):
+    """DistilBERT's sentence vector: token 0's hidden state -> pre_classifier (dense) -> ReLU -> dropout."""
+    c = head.config
+    cls = cls_states(out.last_hidden_state, batch.get("cls_positions"))
+    h = nn.Dense(c.hidden_size, dtype=compute_dtype(c), param_dtype=jnp.float32,
+                 kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
+                 name="pre_classifier")(cls)
+    return head.dropped(jax.nn.relu(h))
+
+
+class PreClassifierSequenceHead(_HeadModule):
+    """Sequence classification of a family without a pooler: pre_classifier on token 0, then the classifier."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        h = _pre_classified(self, out, batch)
+        return SequenceClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(h).astype(jnp.float32))
+
+
+class PreClassifierMultipleChoiceHead(_HeadModule):
+    """Multiple choice of a family without a pooler: one score per row from pre_classifier on token 0."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        h = _pre_classified(self, out, batch)
+        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
+
+
 def _mlm_logits(config: BertConfig, out, batch, attend):
     positions = batch.get("masked_lm_positions")
     h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)
@@ -184,6 +213,19 @@ HEAD_TABLE: dict[str, HeadSpec] = {
     "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True),
 }
 HEADS = tuple(HEAD_TABLE)
+# Heads whose shape differs in a family (model_type -> head -> spec); the others are HEAD_TABLE's.
+FAMILY_HEADS: dict[str, dict[str, HeadSpec]] = {
+    "distilbert": {
+        "sequence_classification": HeadSpec(PreClassifierSequenceHead, sized_by_labels=True),
+        "multiple_choice": HeadSpec(PreClassifierMultipleChoiceHead, choices=True),
+    },
+}
+
+
+def head_spec(config: BertConfig, head: str) -> HeadSpec:
+    """The registered head of `config`'s family; a ConfigError for a head the family does not have."""
+    config.family.check_head(head)
+    return FAMILY_HEADS.get(config.model_type, {}).get(head, HEAD_TABLE[head])
 
 
 class BertWithHead(nn.Module):
@@ -197,7 +239,7 @@ class BertWithHead(nn.Module):
     @nn.compact
     def __call__(self, batch):
         inputs = encoder_inputs(batch)
-        spec = HEAD_TABLE[self.head] if self.head is not None else None
+        spec = head_spec(self.config, self.head) if self.head is not None else None
         choices = None
         if spec is not None and spec.choices:  # [batch, choices, seq] -> [batch * choices, seq]
             choices = inputs["input_ids"].shape[1]
@@ -231,6 +273,8 @@ def _example_batch(config: BertConfig, head: Optional[str]) -> dict:
 
 def _module(config, head, num_labels, deterministic=True) -> BertWithHead:
     _check_head(head)
+    if head is not None:
+        head_spec(config, head)  # refuses a head the family does not have
     if head is not None and HEAD_TABLE[head].sized_by_labels and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     return BertWithHead(config, head, num_labels, deterministic)

@@ -1,12 +1,12 @@
 """Hugging Face checkpoint interop: the one module that knows HF parameter names.
 
-Loads `flax_model.msgpack` (any FlaxBert* class, with or without the `bert/` prefix), `model.safetensors`
-(single or sharded) and `pytorch_model.bin` (only through torch's weights-only unpickler, which cannot
-run code); writes config.json + model.safetensors (PyTorch names) + flax_model.msgpack + tokenizer files.
+Loads `flax_model.msgpack` (any FlaxBert* / FlaxDistilBert* class, with or without the encoder's prefix),
+`model.safetensors` (single or sharded) and `pytorch_model.bin` (only through torch's weights-only unpickler,
+which cannot run code); writes config.json + model.safetensors (PyTorch names) + flax_model.msgpack + tokenizer files.
 
 Internally every source is first turned into a flat dict keyed by HF *Flax* names with Flax layouts
-(`encoder/layer/3/attention/self/query/kernel`, kernels [in, out]); one table maps those to flaxbert's
-stacked tree.
+(`encoder/layer/3/attention/self/query/kernel`, kernels [in, out]); one table per family (`HF_NAMES`, by
+model_type) maps those to flaxbert's stacked tree, which is the same for every family.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from flaxbert import families
 from flaxbert.config import BertConfig
 from flaxbert.errors import ConfigError, HFLoadError
 from flaxbert.heads import HEADS, init
@@ -32,18 +33,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model
 REFUSED_FILES = ("tf_model.h5", "model.ckpt.index", "bert_model.ckpt.index", "model.onnx")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
-ARCHITECTURES = {
-    None: "BertModel",
-    "pretraining": "BertForPreTraining",
-    "masked_lm": "BertForMaskedLM",
-    "sequence_classification": "BertForSequenceClassification",
-    "token_classification": "BertForTokenClassification",
-    "question_answering": "BertForQuestionAnswering",
-    "multiple_choice": "BertForMultipleChoice",
-}
+ARCHITECTURES = dict(families.BERT.architectures)  # BERT's; every family's is `Family.architectures`
 NO_POOLER_HEADS = ("token_classification",)  # HF builds these without a pooler (add_pooling_layer=False)
-_HEAD_OF_ARCH = {arch.replace("Bert", "FlaxBert"): head for head, arch in ARCHITECTURES.items()}
-_HEAD_OF_ARCH.update({arch: head for head, arch in ARCHITECTURES.items()})
+_HEAD_OF_ARCH = {}
+for _family in families.FAMILIES.values():
+    _HEAD_OF_ARCH.update({"Flax" + arch: head for head, arch in _family.architectures.items()})
+    _HEAD_OF_ARCH.update({arch: head for head, arch in _family.architectures.items()})
 
 
 @dataclasses.dataclass
@@ -77,62 +72,127 @@ class PretrainedModel:
         return num_labels_of(self.params, self.head)
 
 
-# ----- the name table ---------------------------------------------------------------------------
+# ----- the name tables, one per family ---------------------------------------------------------
 
-def _layer_rules(cfg: BertConfig):
-    """(flaxbert path inside encoder/layers, HF suffix inside encoder/layer/{i}, to_ours, to_hf)."""
+@dataclasses.dataclass(frozen=True)
+class HFNames:
+    """One family's HF Flax parameter names. flaxbert's own tree is the same for every family (the encoder
+    under `bert`, the head under its name); only these names differ."""
+
+    prefix: str  # the encoder's name in HF head models ("bert/...")
+    top_level: tuple  # top-level names of a bare encoder's checkpoint (which has no prefix)
+    encoder: tuple  # (flaxbert path under bert/, HF Flax name under prefix/)
+    layer: str  # HF path of the layer list under prefix/ (layer i is f"{layer}/{i}")
+    layer_names: Mapping[str, str]  # flaxbert path inside encoder/layers -> HF suffix inside layer i
+    heads: Mapping[Optional[str], tuple]  # head -> ((flaxbert path under the head, HF Flax name), ...)
+    # HF entries derived from others (the tied decoder), checked rather than loaded: name -> the HF name it
+    # equals, or None for the word embeddings (transposed)
+    tied: Mapping[str, Optional[str]]
+    # head -> PyTorch entries HF writes as copies (the tied decoder): name -> the PyTorch name it copies
+    pt_tied: Mapping[str, Mapping[str, str]]
+    no_pooler_heads: tuple = ()  # heads HF saves without the pooler
+
+
+def _layer_rules(cfg: BertConfig, names: HFNames):
+    """(flaxbert path inside encoder/layers, HF suffix inside layer i, to_ours, to_hf)."""
     H, nh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     split_in = (lambda k: k.reshape(H, nh, hd), lambda k: k.reshape(H, H))
     split_bias = (lambda b: b.reshape(nh, hd), lambda b: b.reshape(H))
     merge_out = (lambda k: k.reshape(nh, hd, H), lambda k: k.reshape(H, H))
     same = (lambda x: x, lambda x: x)
-    rules = []
-    for p in ("query", "key", "value"):
-        rules.append((f"attention/{p}/kernel", f"attention/self/{p}/kernel", *split_in))
-        rules.append((f"attention/{p}/bias", f"attention/self/{p}/bias", *split_bias))
-    rules += [
-        ("attention/output/kernel", "attention/output/dense/kernel", *merge_out),
-        ("attention/output/bias", "attention/output/dense/bias", *same),
-        ("attention_norm/scale", "attention/output/LayerNorm/scale", *same),
-        ("attention_norm/bias", "attention/output/LayerNorm/bias", *same),
-        ("intermediate/kernel", "intermediate/dense/kernel", *same),
-        ("intermediate/bias", "intermediate/dense/bias", *same),
-        ("output/kernel", "output/dense/kernel", *same),
-        ("output/bias", "output/dense/bias", *same),
-        ("output_norm/scale", "output/LayerNorm/scale", *same),
-        ("output_norm/bias", "output/LayerNorm/bias", *same),
-    ]
-    return rules
+    transforms = {f"attention/{p}/{leaf}": fn for p in ("query", "key", "value")
+                  for leaf, fn in (("kernel", split_in), ("bias", split_bias))}
+    transforms["attention/output/kernel"] = merge_out
+    return [(our, hf, *transforms.get(our, same)) for our, hf in names.layer_names.items()]
 
 
-_ENCODER_RULES = [  # flaxbert path under bert/ -> HF Flax name under bert/
-    ("embeddings/word_embeddings", "embeddings/word_embeddings/embedding"),
-    ("embeddings/position_embeddings", "embeddings/position_embeddings/embedding"),
-    ("embeddings/token_type_embeddings", "embeddings/token_type_embeddings/embedding"),
-    ("embeddings/norm/scale", "embeddings/LayerNorm/scale"),
-    ("embeddings/norm/bias", "embeddings/LayerNorm/bias"),
-    ("pooler/dense/kernel", "pooler/dense/kernel"),
-    ("pooler/dense/bias", "pooler/dense/bias"),
-]
-_MLM_RULES = [
+_LAYER_PATHS = ("attention/query/kernel", "attention/query/bias", "attention/key/kernel", "attention/key/bias",
+                "attention/value/kernel", "attention/value/bias", "attention/output/kernel", "attention/output/bias",
+                "attention_norm/scale", "attention_norm/bias", "intermediate/kernel", "intermediate/bias",
+                "output/kernel", "output/bias", "output_norm/scale", "output_norm/bias")
+_BERT_MLM = (
     ("mlm/transform/kernel", "cls/predictions/transform/dense/kernel"),
     ("mlm/transform/bias", "cls/predictions/transform/dense/bias"),
     ("mlm/transform_norm/scale", "cls/predictions/transform/LayerNorm/scale"),
     ("mlm/transform_norm/bias", "cls/predictions/transform/LayerNorm/bias"),
     ("mlm/bias", "cls/predictions/bias"),
-]
-_HEAD_RULES = {
-    None: [],
-    "masked_lm": _MLM_RULES,
-    "pretraining": _MLM_RULES + [("nsp/kernel", "cls/seq_relationship/kernel"),
-                                 ("nsp/bias", "cls/seq_relationship/bias")],
-    "sequence_classification": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
-    "token_classification": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
-    "multiple_choice": [("classifier/kernel", "classifier/kernel"), ("classifier/bias", "classifier/bias")],
-    "question_answering": [("qa_outputs/kernel", "qa_outputs/kernel"), ("qa_outputs/bias", "qa_outputs/bias")],
-}
-# Entries HF writes that flaxbert derives instead (tied decoder) and checks rather than loads.
-_TIED = ("cls/predictions/decoder/kernel", "cls/predictions/decoder/bias")
+)
+
+
+def _dense(our: str, hf: str) -> tuple:
+    return ((f"{our}/kernel", f"{hf}/kernel"), (f"{our}/bias", f"{hf}/bias"))
+
+
+BERT_NAMES = HFNames(
+    prefix="bert",
+    top_level=("embeddings", "encoder", "pooler"),
+    encoder=(
+        ("embeddings/word_embeddings", "embeddings/word_embeddings/embedding"),
+        ("embeddings/position_embeddings", "embeddings/position_embeddings/embedding"),
+        ("embeddings/token_type_embeddings", "embeddings/token_type_embeddings/embedding"),
+        ("embeddings/norm/scale", "embeddings/LayerNorm/scale"),
+        ("embeddings/norm/bias", "embeddings/LayerNorm/bias"),
+        ("pooler/dense/kernel", "pooler/dense/kernel"),
+        ("pooler/dense/bias", "pooler/dense/bias"),
+    ),
+    layer="encoder/layer",
+    layer_names=dict(zip(_LAYER_PATHS, (
+        "attention/self/query/kernel", "attention/self/query/bias", "attention/self/key/kernel",
+        "attention/self/key/bias", "attention/self/value/kernel", "attention/self/value/bias",
+        "attention/output/dense/kernel", "attention/output/dense/bias", "attention/output/LayerNorm/scale",
+        "attention/output/LayerNorm/bias", "intermediate/dense/kernel", "intermediate/dense/bias",
+        "output/dense/kernel", "output/dense/bias", "output/LayerNorm/scale", "output/LayerNorm/bias"))),
+    heads={
+        None: (),
+        "masked_lm": _BERT_MLM,
+        "pretraining": _BERT_MLM + _dense("nsp", "cls/seq_relationship"),
+        "sequence_classification": _dense("classifier", "classifier"),
+        "token_classification": _dense("classifier", "classifier"),
+        "multiple_choice": _dense("classifier", "classifier"),
+        "question_answering": _dense("qa_outputs", "qa_outputs"),
+    },
+    tied={"cls/predictions/decoder/kernel": None, "cls/predictions/decoder/bias": "cls/predictions/bias"},
+    pt_tied={head: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                    "cls.predictions.decoder.bias": "cls.predictions.bias"} for head in ("pretraining", "masked_lm")},
+    no_pooler_heads=NO_POOLER_HEADS,
+)
+
+_DISTILBERT_CLASSIFIER = _dense("pre_classifier", "pre_classifier") + _dense("classifier", "classifier")
+DISTILBERT_NAMES = HFNames(
+    prefix="distilbert",
+    top_level=("embeddings", "transformer"),
+    encoder=(
+        ("embeddings/word_embeddings", "embeddings/word_embeddings/embedding"),
+        ("embeddings/position_embeddings", "embeddings/position_embeddings/embedding"),
+        ("embeddings/norm/scale", "embeddings/LayerNorm/scale"),
+        ("embeddings/norm/bias", "embeddings/LayerNorm/bias"),
+    ),
+    layer="transformer/layer",
+    layer_names=dict(zip(_LAYER_PATHS, (
+        "attention/q_lin/kernel", "attention/q_lin/bias", "attention/k_lin/kernel", "attention/k_lin/bias",
+        "attention/v_lin/kernel", "attention/v_lin/bias", "attention/out_lin/kernel", "attention/out_lin/bias",
+        "sa_layer_norm/scale", "sa_layer_norm/bias", "ffn/lin1/kernel", "ffn/lin1/bias", "ffn/lin2/kernel",
+        "ffn/lin2/bias", "output_layer_norm/scale", "output_layer_norm/bias"))),
+    heads={
+        None: (),
+        "masked_lm": _dense("mlm/transform", "vocab_transform") + (
+            ("mlm/transform_norm/scale", "vocab_layer_norm/scale"),
+            ("mlm/transform_norm/bias", "vocab_layer_norm/bias"),
+            ("mlm/bias", "vocab_projector/bias")),
+        "sequence_classification": _DISTILBERT_CLASSIFIER,
+        "multiple_choice": _DISTILBERT_CLASSIFIER,
+        "token_classification": _dense("classifier", "classifier"),
+        "question_answering": _dense("qa_outputs", "qa_outputs"),
+    },
+    tied={"vocab_projector/kernel": None},
+    pt_tied={},  # HF writes the tied vocab_projector.weight only once, as the word embeddings
+)
+
+HF_NAMES: Mapping[str, HFNames] = {"bert": BERT_NAMES, "distilbert": DISTILBERT_NAMES}  # by model_type
+
+
+def names_for(config: BertConfig) -> HFNames:
+    return HF_NAMES[config.model_type]
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:
@@ -159,7 +219,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 # ----- reading the sources into HF Flax names ---------------------------------------------------
 
-_PT_LEAF = [(re.compile(r"(LayerNorm)\.(weight|gamma)$"), r"\1/scale"), (re.compile(r"(LayerNorm)\.(beta)$"), r"\1/bias"),
+_PT_LEAF = [(re.compile(r"(LayerNorm|layer_norm)\.(weight|gamma)$"), r"\1/scale"),
+            (re.compile(r"(LayerNorm|layer_norm)\.(beta)$"), r"\1/bias"),
             (re.compile(r"(_embeddings)\.weight$"), r"\1/embedding"), (re.compile(r"\.weight$"), "/kernel"),
             (re.compile(r"\.bias$"), "/bias")]
 
@@ -266,27 +327,28 @@ def read_checkpoint(model_dir: str) -> tuple[str, dict]:
 
 # ----- mapping HF names <-> flaxbert tree -------------------------------------------------------
 
-def _strip_prefix(flat: dict) -> dict:
-    """Checkpoints of BertModel have no `bert/` prefix; head models do. Normalise to the prefixed form."""
+def _strip_prefix(flat: dict, names: HFNames) -> dict:
+    """Checkpoints of a bare encoder (BertModel) have no `bert/` prefix; head models do. Normalise to the
+    prefixed form."""
     out = {}
     for k, v in flat.items():
         top = k.split("/", 1)[0]
-        out[f"bert/{k}" if top in ("embeddings", "encoder", "pooler") else k] = v
+        out[f"{names.prefix}/{k}" if top in names.top_level else k] = v
     return out
 
 
-def _stack_layers(flat: dict, config: BertConfig, ours: dict, used: set, missing: list) -> None:
+def _stack_layers(flat: dict, config: BertConfig, names: HFNames, ours: dict, used: set, missing: list) -> None:
     """HF's per-layer tensors (`encoder/layer/<i>/...`) into flaxbert's stacked `layers` arrays, in place."""
     layers = config.num_hidden_layers
-    for our, hf_suffix, to_ours, _ in _layer_rules(config):
-        names = [f"bert/encoder/layer/{i}/{hf_suffix}" for i in range(layers)]
-        found = [n for n in names if n in flat]
+    for our, hf_suffix, to_ours, _ in _layer_rules(config, names):
+        hf_names = [f"{names.prefix}/{names.layer}/{i}/{hf_suffix}" for i in range(layers)]
+        found = [n for n in hf_names if n in flat]
         if len(found) < layers:
-            missing.extend(f"bert/encoder/layers/{our}[layer {names.index(n)}]" for n in names if n not in flat)
+            missing.extend(f"bert/encoder/layers/{our}[layer {hf_names.index(n)}]" for n in hf_names if n not in flat)
             if not found:
                 continue
         stacked = np.array(ours[f"bert/encoder/layers/{our}"])
-        for i, n in enumerate(names):
+        for i, n in enumerate(hf_names):
             if n not in flat:
                 continue
             try:
@@ -305,7 +367,8 @@ def _stack_layers(flat: dict, config: BertConfig, ours: dict, used: set, missing
 def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labels: int, rng,
                    on_head_mismatch: str = "reinit") -> tuple[dict, LoadReport]:
     """Place HF tensors into a freshly initialised flaxbert tree; returns (params, report)."""
-    flat = _strip_prefix(flat)
+    names = names_for(config)
+    flat = _strip_prefix(flat, names)
     fresh = jax.tree.map(np.asarray, init(config, rng, head=head, num_labels=num_labels))
     ours = _flatten(fresh)
     used, missing, initialized = set(), [], []
@@ -323,15 +386,15 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
                                   "to re-initialise it)" if is_head else ""))
         ours[our_path] = value.astype(ours[our_path].dtype)
 
-    for our, hf_name in _ENCODER_RULES:
-        key = f"bert/{hf_name}"
+    for our, hf_name in names.encoder:
+        key = f"{names.prefix}/{hf_name}"
         if key in flat:
             put(f"bert/{our}", flat[key], key, False)
             used.add(key)
-        elif not (head in NO_POOLER_HEADS and our.startswith("pooler/")):  # HF saves that head without one
+        elif not (head in names.no_pooler_heads and our.startswith("pooler/")):  # HF saves that head without one
             missing.append(f"bert/{our}")
-    _stack_layers(flat, config, ours, used, missing)
-    for our, hf_name in _HEAD_RULES[head]:
+    _stack_layers(flat, config, names, ours, used, missing)
+    for our, hf_name in names.heads[head]:
         path = f"{head}/{our}"
         if hf_name in flat:
             put(path, flat[hf_name], hf_name, True)
@@ -339,41 +402,42 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
         else:
             initialized.append(path)
     word = ours["bert/embeddings/word_embeddings"]
-    for tied in _TIED:
+    for tied, source in names.tied.items():
         if tied in flat:
             value = flat[tied]
-            if tied.endswith("kernel"):
+            if source is None:
                 ok = value.T.shape == word.shape and np.allclose(value.T, word)
             else:
-                ok = "cls/predictions/bias" in flat and np.allclose(value, flat["cls/predictions/bias"])
+                ok = source in flat and np.allclose(value, flat[source])
             if ok:
                 used.add(tied)
-    unexpected = sorted(k for k in flat if k not in used and not re.match(r"bert/embeddings/position_ids", k))
+    unexpected = sorted(k for k in flat if k not in used and not k.endswith("embeddings/position_ids"))
     report = LoadReport("", missing, initialized, unexpected)
     return _unflatten(ours), report
 
 
 def flaxbert_to_hf(params: Mapping, config: BertConfig, head: Optional[str]) -> dict:
-    """flaxbert tree -> flat dict of HF Flax names (with the `bert/` prefix)."""
+    """flaxbert tree -> flat dict of HF Flax names (with the family's prefix, e.g. `bert/`)."""
+    names = names_for(config)
     flat = _flatten(jax.tree.map(np.asarray, dict(params)))
     out = {}
-    for our, hf_name in _ENCODER_RULES:
-        out[f"bert/{hf_name}"] = flat[f"bert/{our}"]
-    for our, hf_suffix, _, to_hf in _layer_rules(config):
+    for our, hf_name in names.encoder:
+        out[f"{names.prefix}/{hf_name}"] = flat[f"bert/{our}"]
+    for our, hf_suffix, _, to_hf in _layer_rules(config, names):
         stacked = flat[f"bert/encoder/layers/{our}"]
         for i in range(config.num_hidden_layers):
-            out[f"bert/encoder/layer/{i}/{hf_suffix}"] = to_hf(stacked[i])
+            out[f"{names.prefix}/{names.layer}/{i}/{hf_suffix}"] = to_hf(stacked[i])
     if head is not None:
-        for our, hf_name in _HEAD_RULES[head]:
+        for our, hf_name in names.heads[head]:
             out[hf_name] = flat[f"{head}/{our}"]
     return out
 
 
-def _flax_to_pt_names(flat: Mapping[str, np.ndarray], with_prefix: bool) -> dict:
+def _flax_to_pt_names(flat: Mapping[str, np.ndarray], with_prefix: bool, prefix: str = "bert") -> dict:
     out = {}
     for name, value in flat.items():
-        if not with_prefix and name.startswith("bert/"):
-            name = name[len("bert/"):]
+        if not with_prefix and name.startswith(f"{prefix}/"):
+            name = name[len(prefix) + 1:]
         parts = name.split("/")
         leaf = parts[-1]
         if leaf == "scale":
@@ -419,11 +483,11 @@ def load_tokenizer_if_present(model_dir: str):
 
 
 def encoder_parameters(config: BertConfig) -> int:
-    """The encoder's parameter count implied by a config (embeddings, layers, pooler)."""
+    """The encoder's parameter count implied by a config (embeddings, layers, pooler where the family has one)."""
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
     layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
-    return embeddings + L * layer + h * h + h
+    return embeddings + L * layer + (h * h + h if config.family.pooler else 0)
 
 
 def _available_bytes() -> Optional[int]:
@@ -440,14 +504,17 @@ def _available_bytes() -> Optional[int]:
 def check_size(config: BertConfig, flat: Mapping[str, np.ndarray], config_path: str, source: str) -> None:
     """Refuse a config.json that does not describe the checkpoint's tensors, or whose parameters (float32, with
     the optimizer's room ignored) would not fit in the memory available, before allocating anything."""
-    flat = _strip_prefix(dict(flat))
-    word = flat.get("bert/embeddings/word_embeddings/embedding")
+    names = names_for(config)
+    flat = _strip_prefix(dict(flat), names)
+    word = flat.get(f"{names.prefix}/embeddings/word_embeddings/embedding")
     expected = (config.vocab_size, config.hidden_size)
     if word is not None and tuple(word.shape) != expected:
         raise HFLoadError(f"{config_path}: vocab_size x hidden_size = {expected[0]} x {expected[1]}, but the "
                           f"checkpoint {source} holds word embeddings of shape {tuple(word.shape)}; the config does "
                           f"not describe these weights")
-    layers = {int(k.split("/")[3]) for k in flat if k.startswith("bert/encoder/layer/") and k.split("/")[3].isdigit()}
+    layer_prefix = f"{names.prefix}/{names.layer}/"
+    layers = {int(k[len(layer_prefix):].split("/")[0]) for k in flat
+              if k.startswith(layer_prefix) and k[len(layer_prefix):].split("/")[0].isdigit()}
     if layers and max(layers) + 1 != config.num_hidden_layers:
         raise HFLoadError(f"{config_path}: num_hidden_layers = {config.num_hidden_layers}, but the checkpoint "
                           f"{source} holds {max(layers) + 1} layers")
@@ -461,7 +528,8 @@ def check_size(config: BertConfig, flat: Mapping[str, np.ndarray], config_path: 
 def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optional[int] = None, *,
                     rng=None, on_head_mismatch: str = "reinit", config_overrides: Optional[dict] = None,
                     load_tokenizer: bool = True) -> PretrainedModel:
-    """Load a local HF BERT directory (or a hub id when online) into flaxbert parameters.
+    """Load a local HF directory of a registered family (BERT, DistilBERT), or a hub id when online, into
+    flaxbert parameters.
 
     head: "auto" takes the head named by config.json's `architectures`; None loads the bare encoder.
     Heads absent from the checkpoint are freshly initialised and listed in `report.initialized` (and logged).
@@ -488,6 +556,8 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
         head = _head_from_config(hf)
     if head is not None and head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {HEADS}, None or 'auto'")
+    if head is not None:
+        config.family.check_head(head)
     if num_labels is None:
         num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
     source, flat = read_checkpoint(model_dir)
@@ -497,7 +567,7 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
     report.source = source
     if report.missing or report.initialized or report.unexpected:
         log.warning("%s", report.summary())
-    extra = {k: hf[k] for k in ("id2label", "label2id", "problem_type") if k in hf}
+    extra = {k: hf[k] for k in ("id2label", "label2id", "problem_type") + config.family.passthrough_keys if k in hf}
     if head in ("sequence_classification", "token_classification") and extra.get("id2label") and \
             len(extra["id2label"]) != num_labels:
         extra = {k: v for k, v in extra.items() if k not in ("id2label", "label2id")}
@@ -511,10 +581,11 @@ def save_pretrained(model: PretrainedModel, out_dir: str, *, tokenizer=None, fla
     from flax import serialization
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
-    head = model.head
+    head, names, family = model.head, names_for(model.config), model.config.family
+    family.check_head(head)
     flat = flaxbert_to_hf(model.params, model.config, head)
-    if head in NO_POOLER_HEADS:  # as HF writes it: transformers would report the pooler as unexpected
-        flat = {k: v for k, v in flat.items() if not k.startswith("bert/pooler/")}
+    if head in names.no_pooler_heads:  # as HF writes it: transformers would report the pooler as unexpected
+        flat = {k: v for k, v in flat.items() if not k.startswith(f"{names.prefix}/pooler/")}
     extra = dict(model.hf_extra)
     if head in ("sequence_classification", "token_classification"):
         n = model.num_labels
@@ -522,18 +593,17 @@ def save_pretrained(model: PretrainedModel, out_dir: str, *, tokenizer=None, fla
         extra.setdefault("label2id", {v: int(k) for k, v in extra["id2label"].items()})
         if head == "sequence_classification" and n == 1:
             extra.setdefault("problem_type", "regression")
-    hf_config = model.config.to_hf_config(architectures=[ARCHITECTURES[head]], **extra)
-    pt = _flax_to_pt_names(flat, with_prefix=head is not None)
-    if head in ("pretraining", "masked_lm"):  # write the tied decoder explicitly, as HF does
-        pt["cls.predictions.decoder.weight"] = pt["bert.embeddings.word_embeddings.weight"].copy()
-        pt["cls.predictions.decoder.bias"] = pt["cls.predictions.bias"].copy()
+    hf_config = model.config.to_hf_config(architectures=[family.architectures[head]], **extra)
+    pt = _flax_to_pt_names(flat, with_prefix=head is not None, prefix=names.prefix)
+    for tied, source in names.pt_tied.get(head, {}).items():  # the tied decoder, written where HF writes it
+        pt[tied] = pt[source].copy()
     tmp = os.path.join(out_dir, ".tmp-model.safetensors")
     save_file(pt, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     if flax:
         tree = _unflatten(flat)
         if head is None:
-            tree = tree["bert"]
+            tree = tree[names.prefix]
         with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:
             f.write(serialization.msgpack_serialize(tree))
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:

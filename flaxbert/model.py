@@ -28,7 +28,7 @@ ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask", "position_ids",
 
 class EncoderOutput(NamedTuple):
     last_hidden_state: Array  # [batch, seq, hidden]
-    pooled_output: Array  # [batch, hidden], or [batch, instances, hidden] for packed rows
+    pooled_output: Optional[Array]  # [batch, hidden] ([batch, instances, hidden] packed); None without a pooler
 
 
 def compute_dtype(config: BertConfig):
@@ -172,7 +172,8 @@ class LayerNorm(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """word + position + token-type embeddings -> LayerNorm -> dropout; `attend` is the tied MLM decoder."""
+    """word + position (+ token-type, in a family that has them) embeddings -> LayerNorm -> dropout; `attend` is
+    the tied MLM decoder."""
 
     config: BertConfig
     deterministic: bool
@@ -183,8 +184,9 @@ class Embeddings(nn.Module):
                                           (c.vocab_size, c.hidden_size), jnp.float32)
         self.position_embeddings = self.param("position_embeddings", normal_init(c, ("pos", "embed")),
                                               (c.max_position_embeddings, c.hidden_size), jnp.float32)
-        self.token_type_embeddings = self.param("token_type_embeddings", normal_init(c, ("type", "embed")),
-                                                (c.type_vocab_size, c.hidden_size), jnp.float32)
+        if c.family.token_types:
+            self.token_type_embeddings = self.param("token_type_embeddings", normal_init(c, ("type", "embed")),
+                                                    (c.type_vocab_size, c.hidden_size), jnp.float32)
         self.norm = LayerNorm(c.layer_norm_eps, compute_dtype(c), name="norm")
         self.dropout = Dropout(c.hidden_dropout_prob)
 
@@ -194,8 +196,9 @@ class Embeddings(nn.Module):
         # by XLA at full cost ("involuntary full rematerialization")
         whole = lambda table: shd.constrain(table, REPLICATED)  # noqa: E731
         x = (jnp.take(whole(self.word_embeddings), input_ids, axis=0)
-             + jnp.take(whole(self.position_embeddings), position_ids, axis=0)
-             + jnp.take(whole(self.token_type_embeddings), token_type_ids, axis=0))  # [batch, seq, hidden]
+             + jnp.take(whole(self.position_embeddings), position_ids, axis=0))  # [batch, seq, hidden]
+        if self.config.family.token_types:
+            x = x + jnp.take(whole(self.token_type_embeddings), token_type_ids, axis=0)
         x = self.norm(shd.constrain(x))  # rows split over the batch axes, the hidden dimension whole
         return shd.constrain(self.dropout(x, deterministic=self.deterministic))
 
@@ -338,8 +341,13 @@ def gather_positions(x: Array, positions: Array) -> Array:
     return jnp.take_along_axis(x, idx.astype(jnp.int32), axis=1)
 
 
+def cls_states(x: Array, cls_positions: Optional[Array]) -> Array:
+    """The [CLS] (token 0) hidden states [batch, hidden], or [batch, instances, hidden] at packed rows' positions."""
+    return x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
+
+
 class BertEncoder(nn.Module):
-    """The `bert` parameter tree: embeddings, encoder layers, pooler."""
+    """The `bert` parameter tree: embeddings, encoder layers, pooler (for a family that has one)."""
 
     config: BertConfig
     deterministic: bool = True
@@ -347,7 +355,8 @@ class BertEncoder(nn.Module):
     def setup(self):
         self.embeddings = Embeddings(self.config, self.deterministic)
         self.encoder = Encoder(self.config, self.deterministic)
-        self.pooler = Pooler(self.config)
+        if self.config.family.pooler:
+            self.pooler = Pooler(self.config)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
                  instance_ids=None, cls_positions=None) -> EncoderOutput:
@@ -359,8 +368,9 @@ class BertEncoder(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         x = self.encoder(x, attention_mask_4d(attention_mask, instance_ids))  # [batch, seq, hidden]
-        cls = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
-        return EncoderOutput(x, self.pooler(cls))
+        if not self.config.family.pooler:
+            return EncoderOutput(x, None)
+        return EncoderOutput(x, self.pooler(cls_states(x, cls_positions)))
 
 
 # ----- input checks -----------------------------------------------------------------------------
@@ -385,8 +395,9 @@ def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int =
     if shape[seq_axis] > config.max_position_embeddings:
         raise InputError(f"sequence length {shape[seq_axis]} is longer than max_position_embeddings "
                          f"({config.max_position_embeddings})")
-    limits = {"input_ids": config.vocab_size, "token_type_ids": config.type_vocab_size,
-              "position_ids": config.max_position_embeddings}
+    limits = {"input_ids": config.vocab_size, "position_ids": config.max_position_embeddings}
+    if config.family.token_types:  # otherwise token_type_ids are ignored
+        limits["token_type_ids"] = config.type_vocab_size
     for key in ENCODER_KEYS:
         if key not in batch or batch[key] is None:
             continue
