@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from flaxbert import families
 from flaxbert.errors import ConfigError
@@ -33,6 +33,14 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # DistilBERT's head dropout (its config.json keys): before the sentence classifier (sequence classification,
+    # multiple choice) and before the span scores (question answering). BERT's heads drop out at
+    # hidden_dropout_prob (its QA head not at all) and its config.json has neither, so there they keep these defaults.
+    seq_classif_dropout: float = 0.2
+    qa_dropout: float = 0.1
+    # ELECTRA's embedding width when it is not hidden_size (then a dense layer projects the embeddings up);
+    # None: hidden_size, as in every other family
+    embedding_size: Optional[int] = None
     # HF model_type of the family (flaxbert.families): its config.json names, heads and which embeddings exist
     model_type: str = "bert"
     # --- flaxbert-only settings (not part of a HF config) ---
@@ -67,10 +75,19 @@ class BertConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(
                 f"BertConfig.remat_policy {self.remat_policy!r} is unknown; choose one of {REMAT_POLICIES}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "seq_classif_dropout", "qa_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in sorted(families.OWN_FIELDS - set(family.own_fields)):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"BertConfig.{name} is not a setting of model_type {self.model_type!r} (its heads "
+                                  f"do not read it); leave it at {defaults[name]!r}")
+        size = self.embedding_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise ConfigError(f"BertConfig.embedding_size must be a positive integer or None, got "
+                              f"{self.embedding_size!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"BertConfig.pad_token_id {self.pad_token_id} is outside the vocabulary "
                               f"(vocab_size {self.vocab_size})")
@@ -118,6 +135,11 @@ class BertConfig:
     @property
     def family(self) -> families.Family:
         return families.family_for(self.model_type)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of the embedding tables (and of the tied MLM decoder's input)."""
+        return self.embedding_size or self.hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -168,7 +190,7 @@ class BertConfig:
     def to_hf_config(self, **extra) -> dict:
         """A config.json dict that transformers' config class of this family (BertConfig, ...) accepts."""
         family = self.family
-        out = family.fields_to_hf(dataclasses.asdict(self))
+        out = family.fields_to_hf({**dataclasses.asdict(self), "embedding_size": self.embedding_dim})
         out.update(family.required)
         out.update(model_type=family.model_type, architectures=[family.base_architecture])
         out.update(extra)

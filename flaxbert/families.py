@@ -47,6 +47,13 @@ class Family:
     refused_heads: Mapping[str, str] = dataclasses.field(default_factory=dict)  # head -> why this family has none
     # config.json keys kept verbatim on load and written back on save (HF settings flaxbert does not use)
     passthrough_keys: tuple = ()
+    # BertConfig fields beyond BERT_HF_FIELDS that only this family's config.json carries, under their own names
+    # (DistilBERT's head dropout); in another family they keep their defaults
+    own_fields: tuple = ()
+    # positions count from pad_token_id + 1 and padding tokens sit at position pad_token_id (RoBERTa's
+    # fairseq heritage); False: positions 0, 1, ... whatever the tokens
+    positions_after_pad: bool = False
+    mlm_activation: Optional[str] = None  # the MLM transform's activation when it is not `hidden_act` (RoBERTa's gelu)
 
     def __post_init__(self):
         for name in ("config_names", "architectures", "fixed_fields", "required", "refused_heads"):
@@ -67,19 +74,27 @@ class Family:
     def fields_from_hf(self, hf: Mapping[str, Any]) -> dict:
         """The BertConfig fields set in a config.json dict (None values are left to the defaults)."""
         renamed = {self.config_names.get(k, k): v for k, v in hf.items()}
-        fields = {k: renamed[k] for k in BERT_HF_FIELDS if renamed.get(k) is not None and k not in self.fixed_fields}
+        fields = {k: renamed[k] for k in BERT_HF_FIELDS + self.own_fields
+                  if renamed.get(k) is not None and k not in self.fixed_fields}
         fields.update(self.fixed_fields)
         return fields
 
     def fields_to_hf(self, fields: Mapping[str, Any]) -> dict:
         """config.json keys for BertConfig `fields`, under this family's names."""
         back = {v: k for k, v in self.config_names.items()}
-        return {back.get(k, k): fields[k] for k in BERT_HF_FIELDS if k not in self.fixed_fields}
+        return {back.get(k, k): fields[k] for k in BERT_HF_FIELDS + self.own_fields if k not in self.fixed_fields}
+
+    def first_position(self, pad_token_id: int) -> int:
+        """The position id of a sequence's first token."""
+        return pad_token_id + 1 if self.positions_after_pad else 0
 
     def check_head(self, head: Optional[str]) -> None:
         """A ConfigError for a head this family does not have."""
         if head in self.refused_heads:
             raise ConfigError(f"model_type {self.model_type!r} has no {head!r} head: {self.refused_heads[head]}")
+        if head in HF_HEADS and head not in self.architectures:
+            raise ConfigError(f"model_type {self.model_type!r} has no {head!r} head (transformers has no class of "
+                              f"it for this family); its heads: {', '.join(h for h in self.architectures if h)}")
 
 
 BERT = Family(model_type="bert")
@@ -98,10 +113,47 @@ DISTILBERT = Family(
     token_types=False,
     pooler=False,
     refused_heads={"pretraining": "DistilBERT has no next-sentence prediction; use 'masked_lm'"},
-    passthrough_keys=("qa_dropout", "seq_classif_dropout"),
+    own_fields=("seq_classif_dropout", "qa_dropout"),  # its heads' dropout rates (flaxbert.heads.FAMILY_HEADS)
 )
 
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.model_type: f for f in (BERT, DISTILBERT)})
+# RoBERTa (and XLM-R, whose config.json says xlm-roberta): BERT's encoder and names under `roberta/`, positions
+# after the padding id, one token type; its sentence classifier is dense+tanh+out_proj on <s>, not the pooler.
+ROBERTA = Family(
+    model_type="roberta",
+    architectures={head: arch.replace("Bert", "Roberta") for head, arch in BERT_ARCHITECTURES.items()
+                   if head != "pretraining"},
+    refused_heads={"pretraining": "RoBERTa is trained without next-sentence prediction; use 'masked_lm'"},
+    passthrough_keys=("bos_token_id", "eos_token_id", "classifier_dropout"),
+    positions_after_pad=True,
+    mlm_activation="gelu",
+)
+XLM_ROBERTA = dataclasses.replace(
+    ROBERTA, model_type="xlm-roberta",
+    architectures={head: arch.replace("Bert", "XLMRoberta") for head, arch in BERT_ARCHITECTURES.items()
+                   if head != "pretraining"})
+
+# ELECTRA: BERT's encoder under `electra/`, embeddings of their own width (embedding_size) projected up to
+# hidden_size, no pooler; its pretraining head is the discriminator's replaced-token detection, its sentence
+# heads a dense+GELU on token 0 (flaxbert.heads.FAMILY_HEADS).
+ELECTRA = Family(
+    model_type="electra",
+    architectures={**{head: arch.replace("Bert", "Electra") for head, arch in BERT_ARCHITECTURES.items()
+                      if head != "pretraining"}, "replaced_token_detection": "ElectraForPreTraining"},
+    required={"position_embedding_type": "absolute", "summary_type": "first", "summary_use_proj": True},
+    pooler=False,
+    refused_heads={"pretraining": "ELECTRA has no next-sentence prediction; its pretraining head is "
+                                  "'replaced_token_detection' (the discriminator)"},
+    passthrough_keys=("summary_activation", "summary_last_dropout", "classifier_dropout"),
+    own_fields=("embedding_size",),
+    mlm_activation="gelu",
+)
+
+FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {f.model_type: f for f in (BERT, DISTILBERT, ROBERTA, XLM_ROBERTA, ELECTRA)})
+# heads some family has a transformers class of; a family without that class refuses them
+HF_HEADS = frozenset(head for family in FAMILIES.values() for head in family.architectures if head)
+# BertConfig fields that only some families' config.json carries (each family's `own_fields`)
+OWN_FIELDS = frozenset(name for family in FAMILIES.values() for name in family.own_fields)
 
 
 def family_for(model_type: str, *, source: str = "config") -> Family:

@@ -60,10 +60,11 @@ class MLMHead(nn.Module):
     def __call__(self, h, attend):
         c = self.config
         dtype = compute_dtype(c)
-        h = nn.Dense(c.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+        h = nn.Dense(c.embedding_dim, dtype=dtype, param_dtype=jnp.float32,  # ELECTRA: down to the embeddings'
                      kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
                      name="transform")(h)
-        h = LayerNorm(c.layer_norm_eps, dtype, name="transform_norm")(activation(c.hidden_act)(h))
+        act = activation(c.family.mlm_activation or c.hidden_act)
+        h = LayerNorm(c.layer_norm_eps, dtype, name="transform_norm")(act(h))
         bias = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), jnp.float32)
         return attend(h).astype(jnp.float32) + bias
 
@@ -79,9 +80,10 @@ class _HeadModule(nn.Module):
     config: BertConfig
     num_labels: int
     deterministic: bool
+    dropout_rate: float = 0.0  # the head's own dropout (`HeadSpec.dropout` names the config field it comes from)
 
     def dropped(self, x):
-        return Dropout(self.config.hidden_dropout_prob)(x, deterministic=self.deterministic)
+        return Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
 
 
 class PretrainingHead(_HeadModule):
@@ -143,9 +145,12 @@ class TokenClassificationCRFHead(_HeadModule):
 
 
 class QuestionAnsweringHead(_HeadModule):
+    """Start and end scores per token (after dropout where the family's spec has one: DistilBERT's qa_dropout)."""
+
     @nn.compact
     def __call__(self, out, batch, attend):
-        logits = _classifier(self.config, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
+        seq = self.dropped(out.last_hidden_state)
+        logits = _classifier(self.config, 2, "qa_outputs")(seq).astype(jnp.float32)
         return QuestionAnsweringOutput(logits[..., 0], logits[..., 1])
 
 
@@ -186,6 +191,57 @@ class PreClassifierMultipleChoiceHead(_HeadModule):
         return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
 
 
+def _hidden_dense(config: BertConfig, name: str):
+    """A hidden_size -> hidden_size layer of a head."""
+    return nn.Dense(config.hidden_size, dtype=compute_dtype(config), param_dtype=jnp.float32,
+                    kernel_init=normal_init(config, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
+                    name=name)
+
+
+class DenseTanhSequenceHead(_HeadModule):
+    """RoBERTa's sentence classifier: dropout -> dense -> tanh -> dropout -> classifier (HF's out_proj) on
+    token 0 (<s>), with its own dense layer in place of the encoder's pooler."""
+
+    act = staticmethod(jnp.tanh)
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        h = self.dropped(cls_states(out.last_hidden_state, batch.get("cls_positions")))
+        h = self.dropped(self.act(_hidden_dense(self.config, "dense")(h)))
+        return SequenceClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(h)
+                                        .astype(jnp.float32))
+
+
+class DenseGeluSequenceHead(DenseTanhSequenceHead):
+    """ELECTRA's sentence classifier: RoBERTa's with GELU in place of tanh."""
+
+    act = staticmethod(activation("gelu"))
+
+
+class SummaryMultipleChoiceHead(_HeadModule):
+    """ELECTRA's multiple choice: token 0 -> summary (dense) -> GELU -> dropout -> one score per row."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        h = cls_states(out.last_hidden_state, batch.get("cls_positions"))
+        h = self.dropped(activation("gelu")(_hidden_dense(self.config, "summary")(h)))
+        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
+
+
+class ReplacedTokenOutput(NamedTuple):
+    logits: Array  # [batch, seq]: > 0 where the discriminator says the token was replaced
+
+
+class ReplacedTokenDetectionHead(_HeadModule):
+    """ELECTRA's discriminator: per token, dense -> hidden_act -> one logit (replaced or original)."""
+
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        c = self.config
+        h = activation(c.hidden_act)(_hidden_dense(c, "dense")(out.last_hidden_state))
+        return ReplacedTokenOutput(_classifier(c, 1, "prediction")(h).astype(jnp.float32)[..., 0])
+
+
 def _mlm_logits(config: BertConfig, out, batch, attend):
     positions = batch.get("masked_lm_positions")
     h = out.last_hidden_state if positions is None else gather_positions(out.last_hidden_state, positions)
@@ -195,12 +251,17 @@ def _mlm_logits(config: BertConfig, out, batch, attend):
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """A registered head: its module, whether its width is the task's label count, whether its batch has a
-    choices axis ([batch, choices, seq]), and whether it predicts at masked positions."""
+    choices axis ([batch, choices, seq]), whether it predicts at masked positions, and the BertConfig field that
+    is its dropout rate in training (None: no dropout, as in HF's BERT QA head)."""
 
     module: type
     sized_by_labels: bool = False
     choices: bool = False
     masked_positions: bool = False
+    dropout: Optional[str] = "hidden_dropout_prob"
+
+    def dropout_rate(self, config: BertConfig) -> float:
+        return 0.0 if self.dropout is None else float(getattr(config, self.dropout))
 
 
 HEAD_TABLE: dict[str, HeadSpec] = {
@@ -209,15 +270,24 @@ HEAD_TABLE: dict[str, HeadSpec] = {
     "sequence_classification": HeadSpec(SequenceClassificationHead, sized_by_labels=True),
     "token_classification": HeadSpec(TokenClassificationHead, sized_by_labels=True),
     "token_classification_crf": HeadSpec(TokenClassificationCRFHead, sized_by_labels=True),
-    "question_answering": HeadSpec(QuestionAnsweringHead),
+    "question_answering": HeadSpec(QuestionAnsweringHead, dropout=None),
     "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True),
+    "replaced_token_detection": HeadSpec(ReplacedTokenDetectionHead, dropout=None),  # ELECTRA's only
 }
 HEADS = tuple(HEAD_TABLE)
 # Heads whose shape differs in a family (model_type -> head -> spec); the others are HEAD_TABLE's.
 FAMILY_HEADS: dict[str, dict[str, HeadSpec]] = {
     "distilbert": {
-        "sequence_classification": HeadSpec(PreClassifierSequenceHead, sized_by_labels=True),
-        "multiple_choice": HeadSpec(PreClassifierMultipleChoiceHead, choices=True),
+        "sequence_classification": HeadSpec(PreClassifierSequenceHead, sized_by_labels=True,
+                                            dropout="seq_classif_dropout"),
+        "multiple_choice": HeadSpec(PreClassifierMultipleChoiceHead, choices=True, dropout="seq_classif_dropout"),
+        "question_answering": HeadSpec(QuestionAnsweringHead, dropout="qa_dropout"),
+    },
+    "roberta": {"sequence_classification": HeadSpec(DenseTanhSequenceHead, sized_by_labels=True)},
+    "xlm-roberta": {"sequence_classification": HeadSpec(DenseTanhSequenceHead, sized_by_labels=True)},
+    "electra": {
+        "sequence_classification": HeadSpec(DenseGeluSequenceHead, sized_by_labels=True),
+        "multiple_choice": HeadSpec(SummaryMultipleChoiceHead, choices=True),
     },
 }
 
@@ -248,7 +318,8 @@ class BertWithHead(nn.Module):
         out = bert(**inputs, cls_positions=batch.get("cls_positions"))
         if spec is None:
             return out
-        result = spec.module(self.config, self.num_labels, self.deterministic, name=self.head)(
+        result = spec.module(self.config, self.num_labels, self.deterministic, spec.dropout_rate(self.config),
+                             name=self.head)(
             out, batch, bert.embeddings.attend)
         if choices is not None:
             result = result._replace(logits=result.logits.reshape(-1, choices))

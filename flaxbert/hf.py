@@ -188,7 +188,57 @@ DISTILBERT_NAMES = HFNames(
     pt_tied={},  # HF writes the tied vocab_projector.weight only once, as the word embeddings
 )
 
-HF_NAMES: Mapping[str, HFNames] = {"bert": BERT_NAMES, "distilbert": DISTILBERT_NAMES}  # by model_type
+# RoBERTa / XLM-R: BERT's encoder names under `roberta/`; the LM head is `lm_head` (its decoder tied, and written
+# by HF only as the word embeddings), the sentence classifier `classifier/{dense,out_proj}`.
+ROBERTA_NAMES = dataclasses.replace(
+    BERT_NAMES,
+    prefix="roberta",
+    heads={
+        None: (),
+        "masked_lm": _dense("mlm/transform", "lm_head/dense") + (
+            ("mlm/transform_norm/scale", "lm_head/layer_norm/scale"),
+            ("mlm/transform_norm/bias", "lm_head/layer_norm/bias"),
+            ("mlm/bias", "lm_head/bias")),
+        "sequence_classification": _dense("dense", "classifier/dense") + _dense("classifier", "classifier/out_proj"),
+        "token_classification": _dense("classifier", "classifier"),
+        "multiple_choice": _dense("classifier", "classifier"),
+        "question_answering": _dense("qa_outputs", "qa_outputs"),
+    },
+    tied={"lm_head/decoder/kernel": None, "lm_head/decoder/bias": "lm_head/bias"},
+    pt_tied={},
+    no_pooler_heads=("masked_lm", "sequence_classification", "token_classification", "question_answering"),
+)
+
+# ELECTRA: BERT's encoder names under `electra/` (no pooler), plus the projection of narrower embeddings (only
+# when embedding_size != hidden_size: absent from both trees otherwise); the generator's LM head is
+# `generator_predictions` + `generator_lm_head` (its kernel tied), the discriminator `discriminator_predictions`.
+ELECTRA_NAMES = dataclasses.replace(
+    BERT_NAMES,
+    prefix="electra",
+    top_level=("embeddings", "embeddings_project", "encoder"),
+    encoder=tuple(e for e in BERT_NAMES.encoder if not e[0].startswith("pooler/")) + (
+        ("embeddings_project/kernel", "embeddings_project/kernel"),
+        ("embeddings_project/bias", "embeddings_project/bias")),
+    heads={
+        None: (),
+        "masked_lm": _dense("mlm/transform", "generator_predictions/dense") + (
+            ("mlm/transform_norm/scale", "generator_predictions/LayerNorm/scale"),
+            ("mlm/transform_norm/bias", "generator_predictions/LayerNorm/bias"),
+            ("mlm/bias", "generator_lm_head/bias")),
+        "replaced_token_detection": _dense("dense", "discriminator_predictions/dense") + _dense(
+            "prediction", "discriminator_predictions/dense_prediction"),
+        "sequence_classification": _dense("dense", "classifier/dense") + _dense("classifier", "classifier/out_proj"),
+        "token_classification": _dense("classifier", "classifier"),
+        "multiple_choice": _dense("summary", "sequence_summary/summary") + _dense("classifier", "classifier"),
+        "question_answering": _dense("qa_outputs", "qa_outputs"),
+    },
+    tied={"generator_lm_head/kernel": None},
+    pt_tied={},
+    no_pooler_heads=(),
+)
+
+HF_NAMES: Mapping[str, HFNames] = {"bert": BERT_NAMES, "distilbert": DISTILBERT_NAMES,  # by model_type
+                                   "roberta": ROBERTA_NAMES, "xlm-roberta": ROBERTA_NAMES, "electra": ELECTRA_NAMES}
 
 
 def names_for(config: BertConfig) -> HFNames:
@@ -388,6 +438,8 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
 
     for our, hf_name in names.encoder:
         key = f"{names.prefix}/{hf_name}"
+        if f"bert/{our}" not in ours:  # a parameter this config does not have (ELECTRA's projection when E == H)
+            continue
         if key in flat:
             put(f"bert/{our}", flat[key], key, False)
             used.add(key)
@@ -422,7 +474,8 @@ def flaxbert_to_hf(params: Mapping, config: BertConfig, head: Optional[str]) -> 
     flat = _flatten(jax.tree.map(np.asarray, dict(params)))
     out = {}
     for our, hf_name in names.encoder:
-        out[f"{names.prefix}/{hf_name}"] = flat[f"bert/{our}"]
+        if f"bert/{our}" in flat:
+            out[f"{names.prefix}/{hf_name}"] = flat[f"bert/{our}"]
     for our, hf_suffix, _, to_hf in _layer_rules(config, names):
         stacked = flat[f"bert/encoder/layers/{our}"]
         for i in range(config.num_hidden_layers):
@@ -484,8 +537,9 @@ def load_tokenizer_if_present(model_dir: str):
 
 def encoder_parameters(config: BertConfig) -> int:
     """The encoder's parameter count implied by a config (embeddings, layers, pooler where the family has one)."""
-    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+    h, i, L, e = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.embedding_dim
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * e + 2 * e + (
+        e * h + h if e != h else 0)
     layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
     return embeddings + L * layer + (h * h + h if config.family.pooler else 0)
 
@@ -507,9 +561,10 @@ def check_size(config: BertConfig, flat: Mapping[str, np.ndarray], config_path: 
     names = names_for(config)
     flat = _strip_prefix(dict(flat), names)
     word = flat.get(f"{names.prefix}/embeddings/word_embeddings/embedding")
-    expected = (config.vocab_size, config.hidden_size)
+    expected = (config.vocab_size, config.embedding_dim)
     if word is not None and tuple(word.shape) != expected:
-        raise HFLoadError(f"{config_path}: vocab_size x hidden_size = {expected[0]} x {expected[1]}, but the "
+        width = "embedding_size" if config.embedding_dim != config.hidden_size else "hidden_size"
+        raise HFLoadError(f"{config_path}: vocab_size x {width} = {expected[0]} x {expected[1]}, but the "
                           f"checkpoint {source} holds word embeddings of shape {tuple(word.shape)}; the config does "
                           f"not describe these weights")
     layer_prefix = f"{names.prefix}/{names.layer}/"

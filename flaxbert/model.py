@@ -180,13 +180,14 @@ class Embeddings(nn.Module):
 
     def setup(self):
         c = self.config
+        e = c.embedding_dim
         self.word_embeddings = self.param("word_embeddings", normal_init(c, ("vocab", "embed")),
-                                          (c.vocab_size, c.hidden_size), jnp.float32)
+                                          (c.vocab_size, e), jnp.float32)
         self.position_embeddings = self.param("position_embeddings", normal_init(c, ("pos", "embed")),
-                                              (c.max_position_embeddings, c.hidden_size), jnp.float32)
+                                              (c.max_position_embeddings, e), jnp.float32)
         if c.family.token_types:
             self.token_type_embeddings = self.param("token_type_embeddings", normal_init(c, ("type", "embed")),
-                                                    (c.type_vocab_size, c.hidden_size), jnp.float32)
+                                                    (c.type_vocab_size, e), jnp.float32)
         self.norm = LayerNorm(c.layer_norm_eps, compute_dtype(c), name="norm")
         self.dropout = Dropout(c.hidden_dropout_prob)
 
@@ -353,8 +354,13 @@ class BertEncoder(nn.Module):
     deterministic: bool = True
 
     def setup(self):
-        self.embeddings = Embeddings(self.config, self.deterministic)
-        self.encoder = Encoder(self.config, self.deterministic)
+        c = self.config
+        self.embeddings = Embeddings(c, self.deterministic)
+        if c.embedding_dim != c.hidden_size:  # ELECTRA's narrower embeddings, projected up to the layers' width
+            self.embeddings_project = nn.Dense(
+                c.hidden_size, dtype=compute_dtype(c), param_dtype=jnp.float32,
+                kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)))
+        self.encoder = Encoder(c, self.deterministic)
         if self.config.family.pooler:
             self.pooler = Pooler(self.config)
 
@@ -365,8 +371,10 @@ class BertEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = (instance_ids > 0) if instance_ids is not None else jnp.ones_like(input_ids)
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+            position_ids = default_positions(input_ids, self.config)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
+        if self.config.embedding_dim != self.config.hidden_size:
+            x = self.embeddings_project(x)
         x = self.encoder(x, attention_mask_4d(attention_mask, instance_ids))  # [batch, seq, hidden]
         if not self.config.family.pooler:
             return EncoderOutput(x, None)
@@ -383,6 +391,20 @@ def _concrete(x) -> Optional[np.ndarray]:
     return None
 
 
+def default_positions(input_ids: Array, config: BertConfig) -> Array:
+    """Position ids when the batch gives none: 0, 1, ... (BERT); or, in a family whose positions follow the
+    padding id (RoBERTa), pad + 1, pad + 2, ... over the non-padding tokens and pad at the padding ones."""
+    if not config.family.positions_after_pad:
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+    real = (input_ids != config.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real, axis=-1) * real + config.pad_token_id
+
+
+def max_sequence_length(config: BertConfig) -> int:
+    """The longest sequence the position table holds (RoBERTa's first position is pad + 1, not 0)."""
+    return config.max_position_embeddings - config.family.first_position(config.pad_token_id)
+
+
 def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int = 1) -> None:
     """Shape, dtype and id-range checks with errors that name the key; value checks run only on
     concrete arrays (inside jit only shapes are checked)."""
@@ -392,9 +414,12 @@ def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int =
     shape = tuple(ids.shape)
     if len(shape) != seq_axis + 1:
         raise InputError(f"input_ids must have {seq_axis + 1} dimensions, got shape {shape}")
-    if shape[seq_axis] > config.max_position_embeddings:
+    if shape[seq_axis] > max_sequence_length(config):
+        offset = config.family.first_position(config.pad_token_id)
         raise InputError(f"sequence length {shape[seq_axis]} is longer than max_position_embeddings "
-                         f"({config.max_position_embeddings})")
+                         f"({config.max_position_embeddings})" + (
+                             f" minus the first position {offset} ({config.model_type} positions start after "
+                             f"the padding id)" if offset else ""))
     limits = {"input_ids": config.vocab_size, "position_ids": config.max_position_embeddings}
     if config.family.token_types:  # otherwise token_type_ids are ignored
         limits["token_type_ids"] = config.type_vocab_size

@@ -98,8 +98,7 @@ class NERPipeline(_Pipeline):
             enc = tok(text, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
             word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids()], np.int32)
             n_words = int(word_ids.max()) + 1 if (word_ids >= 0).any() else 0
-            feat = {"input_ids": np.asarray(enc["input_ids"], np.int32),
-                    "token_type_ids": np.asarray(enc["token_type_ids"], np.int32)}
+            feat = F.encoded_arrays(enc)
             (logits,) = self._run([feat], seq_outputs=True)[0]
             probs = scores.softmax(logits)
             # character span and first sub-token of every word

@@ -145,9 +145,9 @@ def test_directory_without_weights(tmp_path):
 def test_config_of_another_model_type(tmp_path, minilm_dir):
     shutil.copy(minilm_dir / "model.safetensors", tmp_path / "model.safetensors")
     cfg = json.loads((minilm_dir / "config.json").read_text())
-    cfg["model_type"] = "roberta"
+    cfg["model_type"] = "albert"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(HFLoadError, match=r"config\.json: model_type is 'roberta'"):
+    with pytest.raises(HFLoadError, match=r"config\.json: model_type is 'albert'"):
         load_pretrained(str(tmp_path))
 
 

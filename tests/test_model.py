@@ -260,7 +260,7 @@ def test_config_validation_and_hf_round_trip():
     with pytest.raises(flaxbert.ConfigError, match="hidden_act"):
         flaxbert.BertConfig(hidden_act="gelu_magic")
     with pytest.raises(flaxbert.ConfigError, match="model_type"):
-        flaxbert.BertConfig.from_hf_config({"model_type": "roberta"})
+        flaxbert.BertConfig.from_hf_config({"model_type": "albert"})
     transformers = pytest.importorskip("transformers")
     cfg = flaxbert.BertConfig.small()
     hf = transformers.BertConfig(**cfg.to_hf_config())

@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--features", action="store_true",
                    help="feature extraction: frozen encoder -> embeddings -> scikit-learn logistic regression")
-    p.add_argument("--pooling", default="mean", choices=("mean", "pooled", "cls"), help="with --features")
+    p.add_argument("--pooling", default="mean", choices=("mean", "pooled", "cls"),
+                   help="with --features; 'pooled' needs a model with a pooler (BERT, not DistilBERT)")
     p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned model (no training)")
     args, rest = p.parse_known_args(argv)
     from flaxbert import host

@@ -1,6 +1,9 @@
 """Feature extraction: a frozen encoder turns sentences into embeddings (mean of the real tokens'
 last hidden states, the pooler output, or the [CLS] state) and scikit-learn's logistic regression is
-trained on them. Writes a metrics JSON, a per-class report and the confusion-matrix PNG."""
+trained on them. Writes a metrics JSON, a per-class report and the confusion-matrix PNG.
+
+"pooled" is the pooler's dense+tanh output, and only a family with a pooler (BERT) has one: for another
+(DistilBERT) it is refused rather than quietly replaced by the [CLS] state, which is "cls"."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 
 from flaxbert import hf
 from flaxbert import scores as M
-from flaxbert.errors import DataError
+from flaxbert.errors import ConfigError, DataError
 from flaxbert.infer import batching
 from flaxbert.infer import predict
 from flaxbert.finetune import evaluate as E
@@ -26,9 +29,17 @@ from flaxbert.model import encode
 POOLINGS = ("mean", "pooled", "cls")
 
 
-def make_embed(config, pooling: str):
+def check_pooling(config, pooling: str) -> None:
+    """A ConfigError for a pooling `config`'s family cannot give (an unknown one, or "pooled" without a pooler)."""
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "pooled" and not config.family.pooler:
+        raise ConfigError(f"pooling 'pooled' needs the encoder's pooler, and model_type {config.model_type!r} has "
+                          f"none; use 'cls' (the [CLS] hidden state) or 'mean' (the mean over real tokens)")
+
+
+def make_embed(config, pooling: str):
+    check_pooling(config, pooling)
 
     @jax.jit
     def embed(params, batch):
@@ -65,6 +76,7 @@ def extract_and_fit(cfg, pooling: str = "mean") -> dict:
                         max_train=s.max_train_examples, max_eval=s.max_eval_examples)
     task = td.task
     model = hf.load_pretrained(s.model, head=None)
+    check_pooling(model.config, pooling)  # before any embedding is computed
     if model.tokenizer is None:
         raise DataError(f"{s.model}: no tokenizer files in the model directory")
     fs = s.feature_settings()

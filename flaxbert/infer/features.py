@@ -1,7 +1,8 @@
 """Examples -> model features (unpadded int32 arrays), and model outputs -> answers.
 
-A feature is a dict of numpy arrays whose last axis is the sequence (`input_ids`, `token_type_ids`,
-and for NER `token_labels`, -100 = not scored) plus per-feature targets (`label`, `start_positions`,
+A feature is a dict of numpy arrays whose last axis is the sequence (`input_ids`, `token_type_ids` when the
+tokenizer makes them (DistilBERT's does not, and the encoder then takes zeros), and for NER `token_labels`,
+-100 = not scored) plus per-feature targets (`label`, `start_positions`,
 `end_positions`). Padding happens later, in `batching`, to a few bucket lengths.
 """
 
@@ -28,9 +29,11 @@ def _check_label(label, label_to_id: dict, where: str) -> int:
     return label_to_id[label]
 
 
-def _arrays(enc, i: int) -> dict:
-    return {"input_ids": np.asarray(enc["input_ids"][i], np.int32),
-            "token_type_ids": np.asarray(enc["token_type_ids"][i], np.int32)}
+def encoded_arrays(enc, i: Optional[int] = None) -> dict:
+    """int32 `input_ids` (and `token_type_ids` where the tokenizer made them) of row `i` of a tokenizer's
+    output, or of an unbatched encoding with `i=None`."""
+    row = (lambda v: v) if i is None else (lambda v: v[i])  # noqa: E731
+    return {k: np.asarray(row(enc[k]), np.int32) for k in ("input_ids", "token_type_ids") if k in enc}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def text_features(tokenizer, examples: Sequence[TextExample], max_length: int,
     enc = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=max_length)
     out = []
     for i, ex in enumerate(examples):
-        f = _arrays(enc, i)
+        f = encoded_arrays(enc, i)
         if with_labels:
             if regression:
                 if ex.label is None:
@@ -73,7 +76,7 @@ def ner_features(tokenizer, examples: Sequence[TokenExample], max_length: int, l
                     max_length=max_length)
     out = []
     for i, ex in enumerate(examples):
-        f = _arrays(enc, i)
+        f = encoded_arrays(enc, i)
         word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids(i)], np.int32)
         f["word_ids"] = word_ids
         if ex.tags is not None and label_to_id is not None:
@@ -150,7 +153,7 @@ def qa_features(tokenizer, examples: Sequence[QAExample], settings: QASettings, 
     out = []
     for i, ex_index in enumerate(enc["overflow_to_sample_mapping"]):
         ex = examples[ex_index]
-        f = _arrays(enc, i)
+        f = encoded_arrays(enc, i)
         seq_ids = enc.sequence_ids(i)
         offsets = np.asarray([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], seq_ids)],
                              np.int32).reshape(-1, 2)
@@ -235,12 +238,14 @@ def choice_features(tokenizer, examples: Sequence[ChoiceExample], max_length: in
         enc = tokenizer([ex.context] * len(ex.endings), [f"{ex.start} {e}" for e in ex.endings], truncation=True,
                         max_length=max_length)
         width = max(len(ids) for ids in enc["input_ids"])
-        ids = np.zeros((len(ex.endings), width), np.int32)
-        types = np.zeros_like(ids)
-        mask = np.zeros_like(ids)
-        for c, (row, tt) in enumerate(zip(enc["input_ids"], enc["token_type_ids"])):
-            ids[c, : len(row)], types[c, : len(row)], mask[c, : len(row)] = row, tt, 1
-        f = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+        f = {"attention_mask": np.zeros((len(ex.endings), width), np.int32)}
+        for key in ("input_ids", "token_type_ids"):  # the tokenizer may make no token types (DistilBERT's)
+            if key in enc:
+                f[key] = np.zeros_like(f["attention_mask"])
+                for c, row in enumerate(enc[key]):
+                    f[key][c, : len(row)] = row
+        for c, row in enumerate(enc["input_ids"]):
+            f["attention_mask"][c, : len(row)] = 1
         if with_labels:
             if ex.label is None:
                 raise DataError(f"{ex.where}: the example has no label")

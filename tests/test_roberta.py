@@ -1,0 +1,127 @@
+"""The RoBERTa family (and XLM-R, the same model under another model_type): HF PyTorch and Flax checkpoints of
+every head class load with logit parity on padded batches (positions count after the padding id, as in
+fairseq), flaxbert saves what transformers loads with no missing or unexpected keys, and what RoBERTa lacks is
+refused."""
+
+import jax
+import numpy as np
+import pytest
+
+import flaxbert
+from flaxbert import BertConfig, families
+from flaxbert.errors import ConfigError
+from flaxbert.hf import load_pretrained, save_pretrained
+from flaxbert.model import InputError, default_positions
+from family_parity import HEADS, check_against, check_round_trip, loaded_clean, perturbed_flax, perturbed_torch
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+# (HF class prefix, config class, its settings)
+CONFIGS = {
+    "roberta": ("Roberta", "RobertaConfig", dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=40, type_vocab_size=1)),
+    "xlm-roberta": ("XLMRoberta", "XLMRobertaConfig", dict(vocab_size=120, hidden_size=48, num_hidden_layers=3,
+                                                           num_attention_heads=4, intermediate_size=80,
+                                                           max_position_embeddings=34, type_vocab_size=1,
+                                                           layer_norm_eps=1e-5, hidden_act="gelu_new")),
+}
+SEQ = 12
+PAD = 1  # RoBERTa's <pad>
+
+
+def _hf_config(name, head):
+    _, cls, settings = CONFIGS[name]
+    return getattr(transformers, cls)(**settings, num_labels=2 if head == "question_answering" else 3)
+
+
+def _hf_class(name, suffix, flax=False):
+    return getattr(transformers, ("Flax" if flax else "") + CONFIGS[name][0] + suffix)
+
+
+def _inputs(head, seed=0):
+    """Rows padded at the end with the <pad> id (which RoBERTa's positions depend on), more in the first."""
+    shape = (3, 2, SEQ) if head == "multiple_choice" else (3, SEQ)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 100, shape).astype(np.int32)
+    ids[..., 0] = 0  # <s>
+    mask = np.ones(shape, np.int32)
+    mask[..., -3:] = 0
+    mask[0, ..., -6:] = 0
+    ids[mask == 0] = PAD
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("suffix", list(HEADS))
+def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, name):
+    head = HEADS[suffix]
+    torch.manual_seed(0)
+    hf_model = perturbed_torch(_hf_class(name, suffix)(_hf_config(name, head)), 0)
+    diff = check_against(hf_model, tmp_path, name, head, _inputs(head), flax=False)
+    print(f"pytorch {name} {suffix}: max abs diff {diff:.2e}")
+
+
+@pytest.mark.parametrize("suffix", list(HEADS))
+def test_flax_checkpoint_matches_transformers(tmp_path, suffix):
+    head = HEADS[suffix]
+    hf_model = perturbed_flax(_hf_class("roberta", suffix, flax=True)(_hf_config("roberta", head), seed=0), 0)
+    diff = check_against(hf_model, tmp_path, "roberta", head, _inputs(head), flax=True)
+    print(f"flax {suffix}: max abs diff {diff:.2e}")
+
+
+@pytest.mark.parametrize("suffix", list(HEADS))
+def test_round_trip_through_transformers(tmp_path, suffix):
+    head, name = HEADS[suffix], "xlm-roberta"
+    torch.manual_seed(1)
+    perturbed_torch(_hf_class(name, suffix)(_hf_config(name, head)), 1).save_pretrained(tmp_path / "hf")
+    model = loaded_clean(tmp_path / "hf", name, head)
+    hf = check_round_trip(model, tmp_path / "ours", _hf_class(name, suffix), _hf_class(name, suffix, flax=True),
+                          _inputs(head, seed=1))
+    assert hf["model_type"] == name and hf["architectures"] == [CONFIGS[name][0] + suffix]
+    assert (hf["pad_token_id"], hf["bos_token_id"], hf["eos_token_id"], hf["type_vocab_size"]) == (1, 0, 2, 1)
+
+
+def test_positions_follow_the_padding_id_as_transformers_counts_them():
+    from transformers.models.roberta.modeling_roberta import create_position_ids_from_input_ids
+
+    cfg = BertConfig.from_hf_config(_hf_config("roberta", None).to_dict())
+    ids = _inputs(None)["input_ids"]
+    ids[1, 4] = PAD  # a <pad> inside a row is skipped too, as HF does
+    theirs = create_position_ids_from_input_ids(torch.tensor(ids, dtype=torch.long), PAD).numpy()
+    np.testing.assert_array_equal(np.asarray(default_positions(ids, cfg)), theirs)
+    assert theirs[0, 0] == PAD + 1 and theirs[0, -1] == PAD
+    bert = BertConfig.tiny()  # BERT's are 0, 1, ... whatever the tokens
+    np.testing.assert_array_equal(np.asarray(default_positions(ids, bert))[0], np.arange(SEQ))
+
+
+def test_a_sequence_longer_than_the_positions_after_the_pad_is_refused(tmp_path):
+    transformers.RobertaModel(_hf_config("roberta", None)).save_pretrained(tmp_path)  # 40 positions
+    model = load_pretrained(str(tmp_path), head=None)
+    ok = np.full((1, 38), 5, np.int32)
+    assert flaxbert.encode(model.params, {"input_ids": ok}, model.config).last_hidden_state.shape == (1, 38, 32)
+    with pytest.raises(InputError, match=r"sequence length 39 is longer than max_position_embeddings \(40\) minus "
+                                         r"the first position 2"):
+        flaxbert.encode(model.params, {"input_ids": np.full((1, 39), 5, np.int32)}, model.config)
+
+
+def test_fresh_flaxbert_model_saves_as_roberta(tmp_path):
+    cfg = BertConfig.tiny(vocab_size=100, max_position_embeddings=66, model_type="roberta", type_vocab_size=1,
+                          pad_token_id=1)
+    params = flaxbert.init(cfg, jax.random.key(0), head="sequence_classification", num_labels=4)
+    axes = flaxbert.logical_axes(cfg, head="sequence_classification", num_labels=4)
+    assert tuple(axes["sequence_classification"]["dense"]["kernel"]) == ("embed", "embed_out")
+    assert tuple(axes["sequence_classification"]["classifier"]["kernel"]) == ("embed", "labels")
+    save_pretrained(flaxbert.hf.PretrainedModel(cfg, params, head="sequence_classification"), str(tmp_path))
+    _, info = transformers.RobertaForSequenceClassification.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info
+
+
+def test_no_pretraining_head_and_the_supported_types_are_listed():
+    cfg = BertConfig.from_hf_config(_hf_config("roberta", None).to_dict())
+    with pytest.raises(ConfigError, match="RoBERTa is trained without next-sentence prediction; use 'masked_lm'"):
+        flaxbert.init(cfg, jax.random.key(0), head="pretraining")
+    with pytest.raises(ConfigError, match=r"model_type is 'albert'.*supported model types: bert, distilbert, "
+                                          r"electra, roberta, xlm-roberta"):
+        families.family_for("albert")
