@@ -372,6 +372,8 @@ class BertEncoder(nn.Module):
             attention_mask = (instance_ids > 0) if instance_ids is not None else jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_positions(input_ids, self.config)
+        else:  # given ones count from 0 in each instance (packed rows); the table's first row may be later
+            position_ids = position_ids + self.config.family.first_position(self.config.pad_token_id)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         if self.config.embedding_dim != self.config.hidden_size:
             x = self.embeddings_project(x)
@@ -420,7 +422,7 @@ def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int =
                          f"({config.max_position_embeddings})" + (
                              f" minus the first position {offset} ({config.model_type} positions start after "
                              f"the padding id)" if offset else ""))
-    limits = {"input_ids": config.vocab_size, "position_ids": config.max_position_embeddings}
+    limits = {"input_ids": config.vocab_size, "position_ids": max_sequence_length(config)}
     if config.family.token_types:  # otherwise token_type_ids are ignored
         limits["token_type_ids"] = config.type_vocab_size
     for key in ENCODER_KEYS:

@@ -125,3 +125,20 @@ def test_no_pretraining_head_and_the_supported_types_are_listed():
     with pytest.raises(ConfigError, match=r"model_type is 'albert'.*supported model types: bert, distilbert, "
                                           r"electra, roberta, xlm-roberta"):
         families.family_for("albert")
+
+
+def test_packed_rows_give_each_instance_its_unpacked_states(tmp_path):
+    """Packed rows pass positions from 0 per instance; RoBERTa's start after the padding id, as unpacked ones."""
+    torch.manual_seed(0)
+    perturbed_torch(transformers.RobertaModel(_hf_config("roberta", None)), 0).save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path), head=None)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(3, 100, 5).astype(np.int32), rng.integers(3, 100, 4).astype(np.int32)
+    row = np.concatenate([a, b, np.full(3, PAD, np.int32)])[None]
+    instance = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+    positions = np.array([list(range(5)) + list(range(4)) + [0] * 3], np.int32)
+    packed = flaxbert.encode(model.params, {"input_ids": row, "instance_ids": instance, "position_ids": positions},
+                             model.config).last_hidden_state[0]
+    for ids, sl in ((a, slice(0, 5)), (b, slice(5, 9))):
+        alone = flaxbert.encode(model.params, {"input_ids": ids[None]}, model.config).last_hidden_state[0]
+        np.testing.assert_allclose(np.asarray(packed[sl]), np.asarray(alone), atol=1e-5)
