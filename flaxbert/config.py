@@ -142,6 +142,11 @@ class BertConfig:
         return self.embedding_size or self.hidden_size
 
     @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the position table holds (RoBERTa's first position is pad + 1, not 0)."""
+        return self.max_position_embeddings - self.family.first_position(self.pad_token_id)
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 

@@ -402,11 +402,6 @@ def default_positions(input_ids: Array, config: BertConfig) -> Array:
     return jnp.cumsum(real, axis=-1) * real + config.pad_token_id
 
 
-def max_sequence_length(config: BertConfig) -> int:
-    """The longest sequence the position table holds (RoBERTa's first position is pad + 1, not 0)."""
-    return config.max_position_embeddings - config.family.first_position(config.pad_token_id)
-
-
 def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int = 1) -> None:
     """Shape, dtype and id-range checks with errors that name the key; value checks run only on
     concrete arrays (inside jit only shapes are checked)."""
@@ -416,13 +411,13 @@ def check_batch(batch: Mapping[str, Any], config: BertConfig, *, seq_axis: int =
     shape = tuple(ids.shape)
     if len(shape) != seq_axis + 1:
         raise InputError(f"input_ids must have {seq_axis + 1} dimensions, got shape {shape}")
-    if shape[seq_axis] > max_sequence_length(config):
+    if shape[seq_axis] > config.max_sequence_length:
         offset = config.family.first_position(config.pad_token_id)
         raise InputError(f"sequence length {shape[seq_axis]} is longer than max_position_embeddings "
                          f"({config.max_position_embeddings})" + (
                              f" minus the first position {offset} ({config.model_type} positions start after "
                              f"the padding id)" if offset else ""))
-    limits = {"input_ids": config.vocab_size, "position_ids": max_sequence_length(config)}
+    limits = {"input_ids": config.vocab_size, "position_ids": config.max_sequence_length}
     if config.family.token_types:  # otherwise token_type_ids are ignored
         limits["token_type_ids"] = config.type_vocab_size
     for key in ENCODER_KEYS:

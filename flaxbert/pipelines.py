@@ -43,7 +43,7 @@ class _Pipeline:
         if model.tokenizer is None:
             raise hf.HFLoadError("the model directory has no tokenizer (tokenizer.json or vocab.txt)")
         self.model, self.batch_size = model, batch_size
-        self.max_length = min(max_length, model.config.max_position_embeddings)
+        self.max_length = min(max_length, model.config.max_sequence_length)
         self.boundaries = batching.bucket_boundaries(self.max_length)
         self.forward = make_forward(model.config, model.head)
         self.labels = _label_names(model)

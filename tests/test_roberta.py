@@ -142,3 +142,63 @@ def test_packed_rows_give_each_instance_its_unpacked_states(tmp_path):
     for ids, sl in ((a, slice(0, 5)), (b, slice(5, 9))):
         alone = flaxbert.encode(model.params, {"input_ids": ids[None]}, model.config).last_hidden_state[0]
         np.testing.assert_allclose(np.asarray(packed[sl]), np.asarray(alone), atol=1e-5)
+
+
+NER_TEXTS = ["Angela Merkel met Emmanuel Macron in Strasbourg on Tuesday.",
+             "The Wojciechowski family moved from Szczebrzeszyn to New York City."]
+
+
+def _bpe_model_dir(tmp_path, cls_name, labels, scale):
+    """A RoBERTa directory with a byte-level BPE tokenizer trained here and a random head of `cls_name`."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from flaxbert.train.pretraining import packaged_corpus
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([packaged_corpus()], vocab_size=400, min_frequency=2,
+              special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                            sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                            pad_token="<pad>", mask_token="<mask>", model_max_length=32)
+    config = transformers.RobertaConfig(**{**CONFIGS["roberta"][2], "vocab_size": len(tok)}, id2label=dict(
+        enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    torch.manual_seed(3)
+    model = perturbed_torch(getattr(transformers, cls_name)(config), 3)
+    with torch.no_grad():
+        layer = model.classifier.out_proj if cls_name.endswith("SequenceClassification") else model.classifier
+        layer.weight.mul_(scale)
+    out = tmp_path / cls_name
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_ner_pipeline_offsets_slice_the_text_with_byte_level_bpe(tmp_path):
+    """Entities of a byte-level BPE model are whole, non-empty words of the text. (transformers' own pipeline is
+    not the reference here: on this tokenizer it returns empty spans such as (7, 7) for a lone "Ġ" token.)"""
+    from flaxbert.pipelines import pipeline
+
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+    d = _bpe_model_dir(tmp_path, "RobertaForTokenClassification", labels, 30.0)
+    ours = pipeline("ner", str(d))
+    found = 0
+    for text in NER_TEXTS:
+        for e in ours(text):
+            span = text[e["start"]:e["end"]]
+            assert span and span == span.strip(), (text, e)  # no byte-level space in the offsets
+            assert e["start"] == 0 or not text[e["start"] - 1].isalnum(), (text, e)  # starts at a word
+            assert e["end"] == len(text) or not text[e["end"]].isalnum(), (text, e)  # ends at one
+            found += 1
+    assert found > 0
+
+
+def test_text_classification_pipeline_with_byte_level_bpe_matches_transformers(tmp_path):
+    from flaxbert.pipelines import pipeline
+
+    d = _bpe_model_dir(tmp_path, "RobertaForSequenceClassification", ["negative", "positive"], 20.0)
+    sentences = ["i feel so happy and loved today", "this makes me furious", "Nature is change."]
+    ours = pipeline("text-classification", str(d))
+    ref = transformers.pipeline("text-classification", model=str(d), tokenizer=str(d), top_k=None, device="cpu")
+    for got, want in zip(ours(sentences, top_k=2), ref(sentences)):
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-4)

@@ -510,7 +510,7 @@ def check_model(manifest: dict, config) -> None:
     if manifest["vocab_size"] > config.vocab_size:
         raise DataError(f"{manifest['tokenizer']}: the tokenizer has {manifest['vocab_size']} tokens but the "
                         f"model's embedding table has only {config.vocab_size} rows")
-    if manifest["max_seq_length"] > config.max_position_embeddings:
+    if manifest["max_seq_length"] > config.max_sequence_length:
         raise DataError(f"prepared max_seq_length {manifest['max_seq_length']} exceeds the model's "
                         f"max_position_embeddings {config.max_position_embeddings}")
     if config.type_vocab_size < 2:

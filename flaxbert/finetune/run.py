@@ -314,9 +314,10 @@ def prepare(cfg: FinetuneConfig, task_data: Optional[TaskData] = None) -> Prepar
     task_data = dataclasses.replace(task_data, task=s.configured(task_data.task))
     model = load_model(task_data.task, s)
     task = saved_label_order(model, task_data.task)
-    if s.max_length > model.config.max_position_embeddings:
-        raise ConfigError(f"task.max_length={s.max_length} exceeds the model's max_position_embeddings "
-                          f"({model.config.max_position_embeddings})")
+    if s.max_length > model.config.max_sequence_length:
+        raise ConfigError(f"task.max_length={s.max_length} exceeds the longest sequence the model's positions hold "
+                          f"({model.config.max_sequence_length} of max_position_embeddings "
+                          f"{model.config.max_position_embeddings})")
     fs = s.feature_settings()
     train_features = make_features(task, model.tokenizer, task_data.train, fs, training=True)
     eval_features = {name: make_features(task, model.tokenizer, exs, fs, training=False)

@@ -258,7 +258,7 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     train_dir, eval_dir = _prepare_data(cfg, model)
     manifest = data.load_manifest(train_dir)
     rc.check_vocab_size(cfg, manifest["vocab_size"])
-    if manifest["max_seq_length"] > model.max_position_embeddings:
+    if manifest["max_seq_length"] > model.max_sequence_length:
         raise rc.ConfigError(f"{train_dir} was prepared with seq length {manifest['max_seq_length']}, longer than "
                              f"model.max_position_embeddings={model.max_position_embeddings}")
     if cfg.data.nsp and not manifest.get("nsp", True):
