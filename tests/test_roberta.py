@@ -3,6 +3,8 @@ every head class load with logit parity on padded batches (positions count after
 fairseq), flaxbert saves what transformers loads with no missing or unexpected keys, and what RoBERTa lacks is
 refused."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -202,3 +204,36 @@ def test_text_classification_pipeline_with_byte_level_bpe_matches_transformers(t
     for got, want in zip(ours(sentences, top_k=2), ref(sentences)):
         assert [g["label"] for g in got] == [w["label"] for w in want]
         assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-4)
+
+
+def test_finetune_cli_on_emotion_with_byte_level_bpe(tmp_path):
+    """`python -m flaxbert.finetune` on a slice of emotion with a random RoBERTa and its byte-level BPE tokenizer
+    (packed rows, the default); the best model loads in transformers with the same logits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    base = _bpe_model_dir(tmp_path, "RobertaForSequenceClassification", ["a", "b"], 1.0)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "flaxbert.finetune", "--task", "emotion", "--model", str(base),
+                           "--data", str(repo.parent / "shared" / "data" / "emotion"), "--max-length", "30",
+                           "--output-dir", str(out), "--epochs", "1", "--max-train-examples", "64",
+                           "--max-eval-examples", "32", "--no-progress", "--run.global_batch_size=16",
+                           "--optim.lr=1e-3"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["anger", "fear", "joy", "love", "sadness", "surprise"]
+    assert 0 <= metrics["eval"]["test"]["accuracy"] <= 1
+    best = out / "best_model"
+    pt_model, info = transformers.RobertaForSequenceClassification.from_pretrained(best, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == [], info
+    tok = transformers.AutoTokenizer.from_pretrained(best)
+    enc = dict(tok(["i feel so happy and loved today", "this makes me furious"], padding=True, return_tensors="np"))
+    ours = load_pretrained(str(best), head="auto")
+    logits = np.asarray(flaxbert.apply_head(ours.params, enc, ours.config).logits)
+    with torch.no_grad():
+        ref = pt_model.eval()(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    assert np.abs(logits - ref).max() <= 1e-4
