@@ -163,34 +163,6 @@ class MultipleChoiceHead(_HeadModule):
         return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(pooled).astype(jnp.float32)[..., 0])
 
 
-def _pre_classified(head: _HeadModule, out, batch):
-    """DistilBERT's sentence vector: token 0's hidden state -> pre_classifier (dense) -> ReLU -> dropout."""
-    c = head.config
-    cls = cls_states(out.last_hidden_state, batch.get("cls_positions"))
-    h = nn.Dense(c.hidden_size, dtype=compute_dtype(c), param_dtype=jnp.float32,
-                 kernel_init=normal_init(c, ("embed", "embed_out")), bias_init=zeros_init(("embed_out",)),
-                 name="pre_classifier")(cls)
-    return head.dropped(jax.nn.relu(h))
-
-
-class PreClassifierSequenceHead(_HeadModule):
-    """Sequence classification of a family without a pooler: pre_classifier on token 0, then the classifier."""
-
-    @nn.compact
-    def __call__(self, out, batch, attend):
-        h = _pre_classified(self, out, batch)
-        return SequenceClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(h).astype(jnp.float32))
-
-
-class PreClassifierMultipleChoiceHead(_HeadModule):
-    """Multiple choice of a family without a pooler: one score per row from pre_classifier on token 0."""
-
-    @nn.compact
-    def __call__(self, out, batch, attend):
-        h = _pre_classified(self, out, batch)
-        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
-
-
 def _hidden_dense(config: BertConfig, name: str):
     """A hidden_size -> hidden_size layer of a head."""
     return nn.Dense(config.hidden_size, dtype=compute_dtype(config), param_dtype=jnp.float32,
@@ -198,18 +170,54 @@ def _hidden_dense(config: BertConfig, name: str):
                     name=name)
 
 
-class DenseTanhSequenceHead(_HeadModule):
-    """RoBERTa's sentence classifier: dropout -> dense -> tanh -> dropout -> classifier (HF's out_proj) on
-    token 0 (<s>), with its own dense layer in place of the encoder's pooler."""
+class _TokenZeroHead(_HeadModule):
+    """A sentence head of a family that classifies token 0 with a dense layer of its own instead of BERT's
+    pooler: [dropout ->] `dense_name` -> `act` -> dropout; subclasses say which layer, activation and output."""
 
+    dense_name = "dense"
     act = staticmethod(jnp.tanh)
+    drop_first = False  # dropout on token 0's state before the dense layer (RoBERTa's and ELECTRA's classifier)
 
+
+def _token_zero_vector(head: _TokenZeroHead, out, batch):
+    h = cls_states(out.last_hidden_state, batch.get("cls_positions"))
+    if head.drop_first:
+        h = head.dropped(h)
+    return head.dropped(head.act(_hidden_dense(head.config, head.dense_name)(h)))
+
+
+class _TokenZeroSequenceHead(_TokenZeroHead):
     @nn.compact
     def __call__(self, out, batch, attend):
-        h = self.dropped(cls_states(out.last_hidden_state, batch.get("cls_positions")))
-        h = self.dropped(self.act(_hidden_dense(self.config, "dense")(h)))
+        h = _token_zero_vector(self, out, batch)
         return SequenceClassifierOutput(_classifier(self.config, self.num_labels, "classifier")(h)
                                         .astype(jnp.float32))
+
+
+class _TokenZeroChoiceHead(_TokenZeroHead):
+    @nn.compact
+    def __call__(self, out, batch, attend):
+        h = _token_zero_vector(self, out, batch)
+        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
+
+
+class PreClassifierSequenceHead(_TokenZeroSequenceHead):
+    """DistilBERT's sequence classification: token 0 -> pre_classifier -> ReLU -> dropout -> classifier."""
+
+    dense_name, act = "pre_classifier", staticmethod(jax.nn.relu)
+
+
+class PreClassifierMultipleChoiceHead(_TokenZeroChoiceHead):
+    """DistilBERT's multiple choice: one score per row from pre_classifier on token 0."""
+
+    dense_name, act = "pre_classifier", staticmethod(jax.nn.relu)
+
+
+class DenseTanhSequenceHead(_TokenZeroSequenceHead):
+    """RoBERTa's sentence classifier: dropout -> dense -> tanh -> dropout -> classifier (HF's out_proj) on
+    token 0 (<s>)."""
+
+    drop_first = True
 
 
 class DenseGeluSequenceHead(DenseTanhSequenceHead):
@@ -218,14 +226,10 @@ class DenseGeluSequenceHead(DenseTanhSequenceHead):
     act = staticmethod(activation("gelu"))
 
 
-class SummaryMultipleChoiceHead(_HeadModule):
+class SummaryMultipleChoiceHead(_TokenZeroChoiceHead):
     """ELECTRA's multiple choice: token 0 -> summary (dense) -> GELU -> dropout -> one score per row."""
 
-    @nn.compact
-    def __call__(self, out, batch, attend):
-        h = cls_states(out.last_hidden_state, batch.get("cls_positions"))
-        h = self.dropped(activation("gelu")(_hidden_dense(self.config, "summary")(h)))
-        return MultipleChoiceOutput(_classifier(self.config, 1, "classifier")(h).astype(jnp.float32)[..., 0])
+    dense_name, act = "summary", staticmethod(activation("gelu"))
 
 
 class ReplacedTokenOutput(NamedTuple):

@@ -33,8 +33,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model
 REFUSED_FILES = ("tf_model.h5", "model.ckpt.index", "bert_model.ckpt.index", "model.onnx")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
-ARCHITECTURES = dict(families.BERT.architectures)  # BERT's; every family's is `Family.architectures`
-NO_POOLER_HEADS = ("token_classification",)  # HF builds these without a pooler (add_pooling_layer=False)
 _HEAD_OF_ARCH = {}
 for _family in families.FAMILIES.values():
     _HEAD_OF_ARCH.update({"Flax" + arch: head for head, arch in _family.architectures.items()})
@@ -110,17 +108,21 @@ _LAYER_PATHS = ("attention/query/kernel", "attention/query/bias", "attention/key
                 "attention/value/kernel", "attention/value/bias", "attention/output/kernel", "attention/output/bias",
                 "attention_norm/scale", "attention_norm/bias", "intermediate/kernel", "intermediate/bias",
                 "output/kernel", "output/bias", "output_norm/scale", "output_norm/bias")
-_BERT_MLM = (
-    ("mlm/transform/kernel", "cls/predictions/transform/dense/kernel"),
-    ("mlm/transform/bias", "cls/predictions/transform/dense/bias"),
-    ("mlm/transform_norm/scale", "cls/predictions/transform/LayerNorm/scale"),
-    ("mlm/transform_norm/bias", "cls/predictions/transform/LayerNorm/bias"),
-    ("mlm/bias", "cls/predictions/bias"),
-)
-
-
 def _dense(our: str, hf: str) -> tuple:
     return ((f"{our}/kernel", f"{hf}/kernel"), (f"{our}/bias", f"{hf}/bias"))
+
+
+def _mlm(dense: str, norm: str, bias: str) -> tuple:
+    """The MLM head's names: its transform, the transform's LayerNorm and the decoder's bias (the decoder's
+    kernel is the word embeddings)."""
+    return _dense("mlm/transform", dense) + (("mlm/transform_norm/scale", f"{norm}/scale"),
+                                             ("mlm/transform_norm/bias", f"{norm}/bias"), ("mlm/bias", bias))
+
+
+_BERT_MLM = _mlm("cls/predictions/transform/dense", "cls/predictions/transform/LayerNorm", "cls/predictions/bias")
+# heads whose names are BERT's in every family that has them
+_SHARED_HEADS = {None: (), "token_classification": _dense("classifier", "classifier"),
+                 "question_answering": _dense("qa_outputs", "qa_outputs")}
 
 
 BERT_NAMES = HFNames(
@@ -143,18 +145,16 @@ BERT_NAMES = HFNames(
         "attention/output/LayerNorm/bias", "intermediate/dense/kernel", "intermediate/dense/bias",
         "output/dense/kernel", "output/dense/bias", "output/LayerNorm/scale", "output/LayerNorm/bias"))),
     heads={
-        None: (),
+        **_SHARED_HEADS,
         "masked_lm": _BERT_MLM,
         "pretraining": _BERT_MLM + _dense("nsp", "cls/seq_relationship"),
         "sequence_classification": _dense("classifier", "classifier"),
-        "token_classification": _dense("classifier", "classifier"),
         "multiple_choice": _dense("classifier", "classifier"),
-        "question_answering": _dense("qa_outputs", "qa_outputs"),
     },
     tied={"cls/predictions/decoder/kernel": None, "cls/predictions/decoder/bias": "cls/predictions/bias"},
     pt_tied={head: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                     "cls.predictions.decoder.bias": "cls.predictions.bias"} for head in ("pretraining", "masked_lm")},
-    no_pooler_heads=NO_POOLER_HEADS,
+    no_pooler_heads=("token_classification",),  # HF builds it without a pooler (add_pooling_layer=False)
 )
 
 _DISTILBERT_CLASSIFIER = _dense("pre_classifier", "pre_classifier") + _dense("classifier", "classifier")
@@ -174,19 +174,17 @@ DISTILBERT_NAMES = HFNames(
         "sa_layer_norm/scale", "sa_layer_norm/bias", "ffn/lin1/kernel", "ffn/lin1/bias", "ffn/lin2/kernel",
         "ffn/lin2/bias", "output_layer_norm/scale", "output_layer_norm/bias"))),
     heads={
-        None: (),
-        "masked_lm": _dense("mlm/transform", "vocab_transform") + (
-            ("mlm/transform_norm/scale", "vocab_layer_norm/scale"),
-            ("mlm/transform_norm/bias", "vocab_layer_norm/bias"),
-            ("mlm/bias", "vocab_projector/bias")),
+        **_SHARED_HEADS,
+        "masked_lm": _mlm("vocab_transform", "vocab_layer_norm", "vocab_projector/bias"),
         "sequence_classification": _DISTILBERT_CLASSIFIER,
         "multiple_choice": _DISTILBERT_CLASSIFIER,
-        "token_classification": _dense("classifier", "classifier"),
-        "question_answering": _dense("qa_outputs", "qa_outputs"),
     },
     tied={"vocab_projector/kernel": None},
     pt_tied={},  # HF writes the tied vocab_projector.weight only once, as the word embeddings
 )
+
+# RoBERTa's and ELECTRA's sentence classifier: a dense layer of its own on token 0, then HF's out_proj
+_DENSE_OUT_PROJ = _dense("dense", "classifier/dense") + _dense("classifier", "classifier/out_proj")
 
 # RoBERTa / XLM-R: BERT's encoder names under `roberta/`; the LM head is `lm_head` (its decoder tied, and written
 # by HF only as the word embeddings), the sentence classifier `classifier/{dense,out_proj}`.
@@ -194,15 +192,10 @@ ROBERTA_NAMES = dataclasses.replace(
     BERT_NAMES,
     prefix="roberta",
     heads={
-        None: (),
-        "masked_lm": _dense("mlm/transform", "lm_head/dense") + (
-            ("mlm/transform_norm/scale", "lm_head/layer_norm/scale"),
-            ("mlm/transform_norm/bias", "lm_head/layer_norm/bias"),
-            ("mlm/bias", "lm_head/bias")),
-        "sequence_classification": _dense("dense", "classifier/dense") + _dense("classifier", "classifier/out_proj"),
-        "token_classification": _dense("classifier", "classifier"),
+        **_SHARED_HEADS,
+        "masked_lm": _mlm("lm_head/dense", "lm_head/layer_norm", "lm_head/bias"),
+        "sequence_classification": _DENSE_OUT_PROJ,
         "multiple_choice": _dense("classifier", "classifier"),
-        "question_answering": _dense("qa_outputs", "qa_outputs"),
     },
     tied={"lm_head/decoder/kernel": None, "lm_head/decoder/bias": "lm_head/bias"},
     pt_tied={},
@@ -220,17 +213,12 @@ ELECTRA_NAMES = dataclasses.replace(
         ("embeddings_project/kernel", "embeddings_project/kernel"),
         ("embeddings_project/bias", "embeddings_project/bias")),
     heads={
-        None: (),
-        "masked_lm": _dense("mlm/transform", "generator_predictions/dense") + (
-            ("mlm/transform_norm/scale", "generator_predictions/LayerNorm/scale"),
-            ("mlm/transform_norm/bias", "generator_predictions/LayerNorm/bias"),
-            ("mlm/bias", "generator_lm_head/bias")),
+        **_SHARED_HEADS,
+        "masked_lm": _mlm("generator_predictions/dense", "generator_predictions/LayerNorm", "generator_lm_head/bias"),
         "replaced_token_detection": _dense("dense", "discriminator_predictions/dense") + _dense(
             "prediction", "discriminator_predictions/dense_prediction"),
-        "sequence_classification": _dense("dense", "classifier/dense") + _dense("classifier", "classifier/out_proj"),
-        "token_classification": _dense("classifier", "classifier"),
+        "sequence_classification": _DENSE_OUT_PROJ,
         "multiple_choice": _dense("summary", "sequence_summary/summary") + _dense("classifier", "classifier"),
-        "question_answering": _dense("qa_outputs", "qa_outputs"),
     },
     tied={"generator_lm_head/kernel": None},
     pt_tied={},

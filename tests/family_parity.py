@@ -106,3 +106,26 @@ def check_round_trip(model, out_dir, pt_class, flax_class, batch, tol: float = 1
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     return json.loads((out_dir / "config.json").read_text())
+
+
+def check_torch_class(cls, hf_config, path, model_type: str, head, batch, seed: int = 0) -> float:
+    """`check_against` for a perturbed random model of transformers' PyTorch class `cls`."""
+    import torch
+
+    torch.manual_seed(seed)
+    return check_against(perturbed_torch(cls(hf_config), seed), path, model_type, head, batch, flax=False)
+
+
+def check_flax_class(cls, hf_config, path, model_type: str, head, batch, seed: int = 0) -> float:
+    """`check_against` for a perturbed random model of transformers' Flax class `cls`."""
+    return check_against(perturbed_flax(cls(hf_config, seed=seed), seed), path, model_type, head, batch, flax=True)
+
+
+def round_trip_from(pt_class, flax_class, hf_config, tmp_path, model_type: str, head, batch, seed: int = 1) -> dict:
+    """A perturbed random `pt_class` model loaded by flaxbert, then `check_round_trip`; the config.json written."""
+    import torch
+
+    torch.manual_seed(seed)
+    perturbed_torch(pt_class(hf_config), seed).save_pretrained(tmp_path / "hf")
+    model = loaded_clean(tmp_path / "hf", model_type, head)
+    return check_round_trip(model, tmp_path / "ours", pt_class, flax_class, batch)

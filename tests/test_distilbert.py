@@ -11,7 +11,7 @@ import flaxbert
 from flaxbert import BertConfig, families
 from flaxbert.errors import ConfigError, HFLoadError
 from flaxbert.hf import PretrainedModel, load_pretrained, save_pretrained
-from family_parity import HEADS, check_against, check_round_trip, loaded_clean, perturbed_flax, perturbed_torch
+from family_parity import HEADS, check_flax_class, check_torch_class, round_trip_from
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -42,9 +42,8 @@ def _inputs(head, seed=0):
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, config_name):
     head = HEADS[suffix]
-    torch.manual_seed(0)
-    hf_model = perturbed_torch(getattr(transformers, "DistilBert" + suffix)(_hf_config(config_name, head)), 0)
-    diff = check_against(hf_model, tmp_path, "distilbert", head, _inputs(head), flax=False)
+    diff = check_torch_class(getattr(transformers, "DistilBert" + suffix), _hf_config(config_name, head), tmp_path,
+                             "distilbert", head, _inputs(head))
     print(f"pytorch {config_name} {suffix}: max abs diff {diff:.2e}")
     params = load_pretrained(str(tmp_path), head="auto").params
     assert "token_type_embeddings" not in params["bert"]["embeddings"] and "pooler" not in params["bert"]
@@ -53,20 +52,16 @@ def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, config_name):
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_flax_checkpoint_matches_transformers(tmp_path, suffix):
     head = HEADS[suffix]
-    hf_model = perturbed_flax(getattr(transformers, "FlaxDistilBert" + suffix)(_hf_config("small", head), seed=0), 0)
-    diff = check_against(hf_model, tmp_path, "distilbert", head, _inputs(head), flax=True)
+    diff = check_flax_class(getattr(transformers, "FlaxDistilBert" + suffix), _hf_config("small", head), tmp_path,
+                            "distilbert", head, _inputs(head))
     print(f"flax {suffix}: max abs diff {diff:.2e}")
 
 
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_round_trip_through_transformers(tmp_path, suffix):
     head = HEADS[suffix]
-    torch.manual_seed(1)
-    perturbed_torch(getattr(transformers, "DistilBert" + suffix)(_hf_config("relu", head)), 1).save_pretrained(
-        tmp_path / "hf")
-    model = loaded_clean(tmp_path / "hf", "distilbert", head)
-    hf = check_round_trip(model, tmp_path / "ours", getattr(transformers, "DistilBert" + suffix),
-                          getattr(transformers, "FlaxDistilBert" + suffix), _inputs(head, seed=1))
+    hf = round_trip_from(getattr(transformers, "DistilBert" + suffix), getattr(transformers, "FlaxDistilBert" + suffix),
+                         _hf_config("relu", head), tmp_path, "distilbert", head, _inputs(head, seed=1))
     assert hf["model_type"] == "distilbert" and hf["architectures"] == ["DistilBert" + suffix]
     assert {"dim", "n_layers", "n_heads", "hidden_dim", "activation"} <= set(hf)
     assert not {"hidden_size", "type_vocab_size", "layer_norm_eps", "position_embedding_type"} & set(hf)

@@ -12,7 +12,7 @@ import flaxbert
 from flaxbert import BertConfig
 from flaxbert.errors import ConfigError, HFLoadError
 from flaxbert.hf import PretrainedModel, load_pretrained, save_pretrained
-from family_parity import HEADS, check_against, check_round_trip, loaded_clean, perturbed_flax, perturbed_torch
+from family_parity import HEADS, check_flax_class, check_torch_class, round_trip_from
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -46,9 +46,8 @@ def _inputs(head, seed=0):
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, name):
     head = HEADS[suffix]
-    torch.manual_seed(0)
-    hf_model = perturbed_torch(getattr(transformers, "Electra" + suffix)(_hf_config(name, head)), 0)
-    diff = check_against(hf_model, tmp_path, "electra", head, _inputs(head), flax=False)
+    diff = check_torch_class(getattr(transformers, "Electra" + suffix), _hf_config(name, head), tmp_path, "electra",
+                             head, _inputs(head))
     print(f"pytorch {name} {suffix}: max abs diff {diff:.2e}")
     params = load_pretrained(str(tmp_path), head="auto").params
     assert ("embeddings_project" in params["bert"]) == (name == "projected")
@@ -57,20 +56,16 @@ def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, name):
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_flax_checkpoint_matches_transformers(tmp_path, suffix):
     head = HEADS[suffix]
-    hf_model = perturbed_flax(getattr(transformers, "FlaxElectra" + suffix)(_hf_config("projected", head), seed=0), 0)
-    diff = check_against(hf_model, tmp_path, "electra", head, _inputs(head), flax=True)
+    diff = check_flax_class(getattr(transformers, "FlaxElectra" + suffix), _hf_config("projected", head), tmp_path,
+                            "electra", head, _inputs(head))
     print(f"flax {suffix}: max abs diff {diff:.2e}")
 
 
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_round_trip_through_transformers(tmp_path, suffix):
     head = HEADS[suffix]
-    torch.manual_seed(1)
-    perturbed_torch(getattr(transformers, "Electra" + suffix)(_hf_config("projected", head)), 1).save_pretrained(
-        tmp_path / "hf")
-    model = loaded_clean(tmp_path / "hf", "electra", head)
-    hf = check_round_trip(model, tmp_path / "ours", getattr(transformers, "Electra" + suffix),
-                          getattr(transformers, "FlaxElectra" + suffix), _inputs(head, seed=1))
+    hf = round_trip_from(getattr(transformers, "Electra" + suffix), getattr(transformers, "FlaxElectra" + suffix),
+                         _hf_config("projected", head), tmp_path, "electra", head, _inputs(head, seed=1))
     assert hf["model_type"] == "electra" and hf["architectures"] == ["Electra" + suffix]
     assert (hf["embedding_size"], hf["hidden_size"], hf["summary_type"]) == (16, 32, "first")
 

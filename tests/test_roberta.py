@@ -14,7 +14,7 @@ from flaxbert import BertConfig, families
 from flaxbert.errors import ConfigError
 from flaxbert.hf import load_pretrained, save_pretrained
 from flaxbert.model import InputError, default_positions
-from family_parity import HEADS, check_against, check_round_trip, loaded_clean, perturbed_flax, perturbed_torch
+from family_parity import HEADS, check_flax_class, check_torch_class, perturbed_torch, round_trip_from
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -59,28 +59,23 @@ def _inputs(head, seed=0):
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_pytorch_checkpoint_matches_transformers(tmp_path, suffix, name):
     head = HEADS[suffix]
-    torch.manual_seed(0)
-    hf_model = perturbed_torch(_hf_class(name, suffix)(_hf_config(name, head)), 0)
-    diff = check_against(hf_model, tmp_path, name, head, _inputs(head), flax=False)
+    diff = check_torch_class(_hf_class(name, suffix), _hf_config(name, head), tmp_path, name, head, _inputs(head))
     print(f"pytorch {name} {suffix}: max abs diff {diff:.2e}")
 
 
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_flax_checkpoint_matches_transformers(tmp_path, suffix):
     head = HEADS[suffix]
-    hf_model = perturbed_flax(_hf_class("roberta", suffix, flax=True)(_hf_config("roberta", head), seed=0), 0)
-    diff = check_against(hf_model, tmp_path, "roberta", head, _inputs(head), flax=True)
+    diff = check_flax_class(_hf_class("roberta", suffix, flax=True), _hf_config("roberta", head), tmp_path, "roberta",
+                            head, _inputs(head))
     print(f"flax {suffix}: max abs diff {diff:.2e}")
 
 
 @pytest.mark.parametrize("suffix", list(HEADS))
 def test_round_trip_through_transformers(tmp_path, suffix):
     head, name = HEADS[suffix], "xlm-roberta"
-    torch.manual_seed(1)
-    perturbed_torch(_hf_class(name, suffix)(_hf_config(name, head)), 1).save_pretrained(tmp_path / "hf")
-    model = loaded_clean(tmp_path / "hf", name, head)
-    hf = check_round_trip(model, tmp_path / "ours", _hf_class(name, suffix), _hf_class(name, suffix, flax=True),
-                          _inputs(head, seed=1))
+    hf = round_trip_from(_hf_class(name, suffix), _hf_class(name, suffix, flax=True), _hf_config(name, head),
+                         tmp_path, name, head, _inputs(head, seed=1))
     assert hf["model_type"] == name and hf["architectures"] == [CONFIGS[name][0] + suffix]
     assert (hf["pad_token_id"], hf["bos_token_id"], hf["eos_token_id"], hf["type_vocab_size"]) == (1, 0, 2, 1)
 
