@@ -2,6 +2,7 @@
 
     python -m benchmarks.time_to_accuracy                  # both cells, 10 minutes per contender
     python -m benchmarks.time_to_accuracy --cells tiny --budget-minutes 5
+    python -m benchmarks.time_to_accuracy --ablate --cells tiny   # each choice of the recipe on its own
 
 Every contender trains from scratch on WikiText-2 valid plus the packaged Meditations (128-token rows, MLM
 only) for the same training wall time, and saves HF-format checkpoints at fixed shares of its budget (saving is
@@ -57,6 +58,21 @@ RECIPE = {"tiny": ["--optim.lr=2e-3", "--data.masked_lm_prob=0.25", "--data.max_
                    "--model.hidden_dropout_prob=0.0", "--model.attention_probs_dropout_prob=0.0"],
           "mini": ["--optim.lr=1e-3", "--data.masked_lm_prob=0.25", "--data.max_predictions_per_seq=32",
                    "--model.hidden_dropout_prob=0.0", "--model.attention_probs_dropout_prob=0.0"]}
+
+
+
+def ablations(cell_name: str) -> dict[str, list[str]]:
+    """`--ablate`: the recipe with one of its choices undone or pushed further, each as config overrides added
+    after RECIPE's, so that each choice's own gain is measured in this benchmark."""
+    same = SAME[cell_name]
+    return {"recipe": [],
+            f"lr {same.lr:g} (HF's)": [f"--optim.lr={same.lr}"],
+            "15% masking (HF's)": ["--data.masked_lm_prob=0.15", "--data.max_predictions_per_seq=20"],
+            "40% masking": ["--data.masked_lm_prob=0.4", "--data.max_predictions_per_seq=52"],
+            "dropout 0.1 (HF's)": ["--model.hidden_dropout_prob=0.1", "--model.attention_probs_dropout_prob=0.1"],
+            "warmup 20% of the budget": ["--optim.warmup_fraction=0.2"],
+            "packed rows": ["--data.packed=true"]}
+
 
 CONTENDERS = ("hf_torch", "hf_flax", "flaxbert_same", "flaxbert_recipe")
 LABELS = {"hf_torch": "HF PyTorch (BertForMaskedLM, run_mlm)", "hf_flax": "HF Flax (FlaxBertForMaskedLM, run_mlm_flax)",
@@ -127,7 +143,8 @@ def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: S
         def take(self, step, seconds, params):
             k = len(self.records)
             where = out_dir / f"snapshot-{k}"
-            hf.save_pretrained(hf.PretrainedModel(cfg.model, params, head="pretraining"), str(where),
+            head = pretraining.head_name(cfg.data.nsp)
+            hf.save_pretrained(hf.PretrainedModel(cfg.model, params, head=head), str(where),
                                tokenizer=tokenizer, flax=False)
             self.records.append({"fraction": points[k] if k < len(points) else 1.0, "wall_s": seconds,
                                  "step": step, "dir": str(where)})
@@ -157,8 +174,60 @@ def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path) -> list
     if name == "hf_flax":
         blocks = peers.group_blocks(peers.tokenizer_of(cell), peers.train_texts(DATA), cell.seq_len)
         return peers.run_hf_flax(cell, hp, blocks, budget_s, list(POINTS), str(out_dir))
-    extra = RECIPE[cell_name] if name == "flaxbert_recipe" else []
+    if name.startswith(ABLATION):
+        extra = RECIPE[cell_name] + ablations(cell_name)[name[len(ABLATION):]]
+    else:
+        extra = RECIPE[cell_name] if name == "flaxbert_recipe" else []
     return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra)
+
+
+ABLATION = "ablation:"  # a contender name "ablation:<name>" trains the recipe changed by ablations()[name]
+
+
+def run_ablations(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: str,
+                  eval_blocks: int) -> dict:
+    """Every ablation of the recipe, each in its own process for the same budget, scored by the one evaluator."""
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine_info(), "load_at_start": load_average(), "budget_minutes": budget_s / 60,
+              "points": list(POINTS), "recipe": {c: RECIPE[c] for c in cell_names}, "cells": {}}
+    for cell_name in cell_names:
+        cell, runs = cells()[cell_name], {}
+        for k, (name, extra) in enumerate(ablations(cell_name).items()):
+            print(f"[{cell_name}] training the recipe with {name} for {budget_s / 60:g} min", flush=True)
+            runs[name] = _spawn(ABLATION + name, cell_name, budget_s, work / cell_name / f"ablation-{k}")
+            runs[name][-1]["overrides"] = extra
+        report["cells"][cell_name] = _scored(cell, runs, eval_blocks, report)
+        recipe = report["cells"][cell_name]["contenders"]["recipe"]
+        for row in report["cells"][cell_name]["contenders"].values():
+            row["final_minus_recipe"] = row["final_accuracy"] - recipe["final_accuracy"]
+            row["time_to_recipe_final_s"] = time_to(row["curve"], recipe["final_accuracy"])
+    _write(report, out, tag, ablation_markdown(report))
+    return report
+
+
+def _scored(cell: peers.Cell, runs: dict, eval_blocks: int, report: dict) -> dict:
+    """The cell's summary: every snapshot of every run scored by the shared evaluator, beside the unigram."""
+    tokenizer = peers.tokenizer_of(cell)
+    test = peers.group_blocks(tokenizer, peers.test_texts(DATA), cell.seq_len)[:eval_blocks]
+    ids, labels = peers.eval_batch(tokenizer, test)
+    report["eval_predictions"] = int((labels != -100).sum())
+    train = peers.group_blocks(tokenizer, peers.train_texts(DATA), cell.seq_len)
+    unigram = peers.unigram_accuracy(tokenizer, train, labels)
+    for name, records in runs.items():
+        for r in records:
+            r["accuracy"] = peers.evaluate(r["dir"], ids, labels)
+            print(f"[{cell.name}] {name} step {r['step']} at {r['wall_s']:.0f} s: {r['accuracy']:.4f}", flush=True)
+    c = summarize(runs, unigram)
+    c["description"] = f"BERT-{cell.name} ({cell.layers}x{cell.hidden}), {len(tokenizer):,}-token vocabulary"
+    c["runs"] = runs
+    return c
+
+
+def _write(report: dict, out: Path, tag: str, md: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{tag}.md").write_text(md)
+    plot(report, out / f"{tag}.png")
 
 
 def _spawn(name: str, cell: str, budget_s: float, out_dir: Path) -> list[dict]:
@@ -219,14 +288,38 @@ def markdown(report: dict) -> str:
                   + " | time to HF PyTorch's final | time to HF Flax's final |",
                   "|---|---:|" + "---:|" * len(POINTS) + "---:|---:|"]
         for name, row in c["contenders"].items():
-            accs = " | ".join(f"{a:.4f} ({t:.0f} s)" for t, a in row["curve"])
+            missing = ["—"] * (len(POINTS) - len(row["curve"]))
+            accs = " | ".join([f"{a:.4f} ({t:.0f} s)" for t, a in row["curve"]] + missing)
             t_pt, t_fx = row.get("time_to_hf_torch_final_s"), row.get("time_to_hf_flax_final_s")
             fmt = lambda t: "never" if t is None else f"{t:.0f} s ({t / 60:.1f} min)"  # noqa: E731
-            lines.append(f"| {LABELS[name]} | {row['steps']:,} | {accs} | {fmt(t_pt)} | {fmt(t_fx)} |")
+            lines.append(f"| {LABELS.get(name, name)} | {row['steps']:,} | {accs} | {fmt(t_pt)} | {fmt(t_fx)} |")
         lines.append("")
     lines += ["Wall time is training time: from the first step (compilation included) to the checkpoint, without "
               "the time spent saving checkpoints or evaluating. flaxbert's recipe: "
               + "; ".join(f"{cell}: {' '.join(RECIPE[cell])}" for cell in report["cells"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def ablation_markdown(report: dict) -> str:
+    lines = [f"# The recipe's choices, one at a time ({report['date']}, {report['machine']['host_cpu']}, "
+             f"{report['machine']['host_cores']} cores, load {report['load_at_start'][0]:.1f} at the start)", "",
+             f"Each row trains flaxbert's recipe with one change for {report['budget_minutes']:g} min of training wall "
+             f"time; held-out MLM accuracy on {report['eval_predictions']:,} masked positions of WikiText-2 test, "
+             "scored by the same evaluator as the main benchmark.", ""]
+    for cell, c in report["cells"].items():
+        lines += [f"## {cell}: {c['description']}", "",
+                  f"Unigram baseline: **{c['unigram_accuracy']:.4f}**. "
+                  f"Recipe: `{' '.join(report['recipe'][cell])}`", "",
+                  "| change to the recipe | steps | " + " | ".join(f"acc @ {int(p * 100)}%" for p in POINTS)
+                  + " | final − recipe's | time to the recipe's final |",
+                  "|---|---:|" + "---:|" * len(POINTS) + "---:|---:|"]
+        for name, row in c["contenders"].items():
+            missing = ["—"] * (len(POINTS) - len(row["curve"]))
+            accs = " | ".join([f"{a:.4f}" for _, a in row["curve"]] + missing)
+            t = row["time_to_recipe_final_s"]
+            lines.append(f"| {name} | {row['steps']:,} | {accs} | {row['final_minus_recipe']:+.4f} | "
+                         f"{'never' if t is None else f'{t:.0f} s'} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -242,7 +335,7 @@ def plot(report: dict, path: Path) -> None:
         c = report["cells"][cell]
         for name, row in c["contenders"].items():
             t, a = zip(*[(0.0, 0.0)] + [tuple(p) for p in row["curve"]])
-            ax.plot(np.array(t) / 60, a, marker="o", label=LABELS[name])
+            ax.plot(np.array(t) / 60, a, marker="o", label=LABELS.get(name, name))
         ax.axhline(c["unigram_accuracy"], color="grey", linestyle="--", label="unigram baseline")
         ax.set_title(f"{cell}: {c['description']}")
         ax.set_xlabel("training wall time (min)")
@@ -260,29 +353,12 @@ def run(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: 
               "points": list(POINTS), "same_hparams": {c: dataclasses.asdict(SAME[c]) for c in cell_names},
               "recipe": {c: RECIPE[c] for c in cell_names}, "cells": {}}
     for cell_name in cell_names:
-        cell = cells()[cell_name]
         runs = {}
         for name in CONTENDERS:
             print(f"[{cell_name}] training {name} for {budget_s / 60:g} min", flush=True)
             runs[name] = _spawn(name, cell_name, budget_s, work / cell_name / name)
-        tokenizer = peers.tokenizer_of(cell)
-        test = peers.group_blocks(tokenizer, peers.test_texts(DATA), cell.seq_len)[:eval_blocks]
-        ids, labels = peers.eval_batch(tokenizer, test)
-        report["eval_predictions"] = int((labels != -100).sum())
-        train = peers.group_blocks(tokenizer, peers.train_texts(DATA), cell.seq_len)
-        unigram = peers.unigram_accuracy(tokenizer, train, labels)
-        for name, records in runs.items():
-            for r in records:
-                r["accuracy"] = peers.evaluate(r["dir"], ids, labels)
-                print(f"[{cell_name}] {name} step {r['step']} at {r['wall_s']:.0f} s: {r['accuracy']:.4f}", flush=True)
-        c = summarize(runs, unigram)
-        c["description"] = (f"BERT-{cell_name} ({cell.layers}x{cell.hidden}), {len(tokenizer):,}-token vocabulary")
-        c["runs"] = runs
-        report["cells"][cell_name] = c
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{tag}.md").write_text(markdown(report))
-    plot(report, out / f"{tag}.png")
+        report["cells"][cell_name] = _scored(cells()[cell_name], runs, eval_blocks, report)
+    _write(report, out, tag, markdown(report))
     return report
 
 
@@ -295,7 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="time-to-accuracy")
     ap.add_argument("--build-vocab", action="store_true", help="retrain the committed 8,192-token vocabulary")
-    ap.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # one contender, in this process
+    ap.add_argument("--ablate", action="store_true",
+                    help="train the recipe with each of its choices changed (ablations()), instead of the contenders")
+    ap.add_argument("--contender", help=argparse.SUPPRESS)  # one contender, in this process
     args = ap.parse_args(argv)
     if args.build_vocab:
         build_vocab()
@@ -309,9 +387,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
 
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        report = run([c for c in args.cells.split(",") if c], budget_s, work, Path(args.out), args.tag,
-                     args.eval_blocks)
-    print(markdown(report))
+        chosen = [c for c in args.cells.split(",") if c]
+        if args.ablate:
+            tag = args.tag if args.tag != "time-to-accuracy" else "time-to-accuracy-ablations"
+            report = run_ablations(chosen, budget_s, work, Path(args.out), tag, args.eval_blocks)
+            print(ablation_markdown(report))
+        else:
+            report = run(chosen, budget_s, work, Path(args.out), args.tag, args.eval_blocks)
+            print(markdown(report))
     return report
 
 

@@ -88,6 +88,11 @@ class Family:
         """The position id of a sequence's first token."""
         return pad_token_id + 1 if self.positions_after_pad else 0
 
+    @property
+    def has_nsp(self) -> bool:
+        """Whether the family has BERT's next-sentence prediction head (and so the MLM + NSP pretraining one)."""
+        return "pretraining" not in self.refused_heads
+
     def check_head(self, head: Optional[str]) -> None:
         """A ConfigError for a head this family does not have."""
         if head in self.refused_heads:

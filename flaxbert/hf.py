@@ -154,7 +154,8 @@ BERT_NAMES = HFNames(
     tied={"cls/predictions/decoder/kernel": None, "cls/predictions/decoder/bias": "cls/predictions/bias"},
     pt_tied={head: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                     "cls.predictions.decoder.bias": "cls.predictions.bias"} for head in ("pretraining", "masked_lm")},
-    no_pooler_heads=("token_classification",),  # HF builds it without a pooler (add_pooling_layer=False)
+    # transformers builds these without a pooler (add_pooling_layer=False)
+    no_pooler_heads=("masked_lm", "token_classification", "question_answering"),
 )
 
 _DISTILBERT_CLASSIFIER = _dense("pre_classifier", "pre_classifier") + _dense("classifier", "classifier")
@@ -568,6 +569,28 @@ def check_size(config: BertConfig, flat: Mapping[str, np.ndarray], config_path: 
                           f"available")
 
 
+def _read_config(path: str, config_overrides: Optional[dict] = None) -> tuple[str, dict, BertConfig]:
+    """(the local model directory, its config.json, the BertConfig it describes), or an HFLoadError."""
+    model_dir = _resolve_dir(os.fspath(path))
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise HFLoadError(f"{model_dir}: no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFLoadError(f"{config_path}: not valid JSON ({e})") from None
+    try:
+        return model_dir, hf, BertConfig.from_hf_config(hf, source=config_path, **(config_overrides or {}))
+    except ConfigError as e:
+        raise HFLoadError(str(e)) from None
+
+
+def load_config(path: str, config_overrides: Optional[dict] = None) -> BertConfig:
+    """The BertConfig of an HF model directory (its config.json), without reading the weights."""
+    return _read_config(path, config_overrides)[2]
+
+
 def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optional[int] = None, *,
                     rng=None, on_head_mismatch: str = "reinit", config_overrides: Optional[dict] = None,
                     load_tokenizer: bool = True) -> PretrainedModel:
@@ -581,20 +604,8 @@ def load_pretrained(path: str, head: Optional[str] = "auto", num_labels: Optiona
     """
     if on_head_mismatch not in ("reinit", "error"):
         raise ValueError(f"on_head_mismatch must be 'reinit' or 'error', got {on_head_mismatch!r}")
-    model_dir = _resolve_dir(os.fspath(path))
-
+    model_dir, hf, config = _read_config(path, config_overrides)
     config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise HFLoadError(f"{model_dir}: no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise HFLoadError(f"{config_path}: not valid JSON ({e})") from None
-    try:
-        config = BertConfig.from_hf_config(hf, source=config_path, **(config_overrides or {}))
-    except ConfigError as e:
-        raise HFLoadError(str(e)) from None
     if head == "auto":
         head = _head_from_config(hf)
     if head is not None and head not in HEADS:

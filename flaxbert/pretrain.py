@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 USAGE = """usage: python -m flaxbert.pretrain [--config NAME|PATH] [--init_from HF_DIR] [--section.key=value ...]
 
   --config       a YAML file, or a name in configs/ (tiny, bert_base_phase1, bert_large_phase2, ...)
-  --init_from    continue pretraining from a Hugging Face BERT checkpoint dir (same as --run.init_from)
+  --init_from    continue pretraining from a Hugging Face checkpoint dir (same as --run.init_from): BERT, or
+                 MLM only from DistilBERT, RoBERTa, XLM-R or ELECTRA; its tokenizer is used
+  --run.export_hf=DIR   when the run finishes, write the model as a Hugging Face directory to DIR
   --section.key  override any field, e.g. --optim.lr=1e-4 --mesh.fsdp=8 --run.steps=1000
 
 sections: model, data, optim, mesh, run, checkpoint (see flaxbert/run_config.py and docs/training.md)
@@ -73,7 +75,8 @@ def _pretrain(argv: Optional[Sequence[str]], where: dict) -> int:
 
     if jax.process_index() == 0:
         cli.log_to(cfg.run.output_dir)
-    result = loop.train(cfg, task)
+    export = pretraining.ExportHF(cfg, cfg.run.export_hf) if cfg.run.export_hf else None
+    result = loop.train(cfg, task, snapshots=export)
     if jax.process_index() != 0:  # logging from process 0 only
         return 1 if result.reason in ("nonfinite", "diverged") else 0
     m = result.last_metrics

@@ -134,6 +134,7 @@ class RunSettings:
     spike_factor: float = 0.0  # > 0: a loss above this many times the median of the last 100 logged-finite steps,
     spike_steps: int = 3  # ... this many steps in a row, is divergence: the run stops (nan_policy=stop) or warns
     init_from: str = ""  # HF checkpoint dir to continue pretraining from (model config taken from it)
+    export_hf: str = ""  # pretraining: when the run finishes, write the model and tokenizer here as an HF directory
     overwrite: bool = False  # delete output_dir's prepared data, vocabulary, checkpoints and metrics first
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device in the table
     progress: bool = True  # tqdm progress bar on process 0

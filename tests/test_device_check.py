@@ -26,6 +26,7 @@ def smoke(tmp_path_factory, minilm_dir, data_dir):
     return proc, out
 
 
+@pytest.mark.slow  # a 75 s run of the device check's smoke mode: scripts/slow_tests.sh
 def test_smoke_runs_every_section_and_passes(smoke):
     proc, out = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -37,6 +38,7 @@ def test_smoke_runs_every_section_and_passes(smoke):
     assert "## Pretraining grid" in (out / "device-cpu-smoke.md").read_text()
 
 
+@pytest.mark.slow  # a 75 s run of the device check's smoke mode: scripts/slow_tests.sh
 def test_smoke_compares_every_attention_impl_and_refuses_cudnn_on_cpu(smoke):
     report = json.loads((smoke[1] / "device-cpu-smoke.json").read_text())
     rows = {(r["layout"], r["attention_impl"]): r for r in report["sections"]["attention"]["rows"]}
@@ -50,6 +52,7 @@ def test_smoke_compares_every_attention_impl_and_refuses_cudnn_on_cpu(smoke):
             assert r["status"] == "ran" and r["outputs"]["rel_l2"] <= 2e-2 and r["gradients"]["rel_l2"] <= 5e-2
 
 
+@pytest.mark.slow  # a 75 s run of the device check's smoke mode: scripts/slow_tests.sh
 def test_smoke_grid_loader_and_finetune_measure_against_peers(smoke):
     sections = json.loads((smoke[1] / "device-cpu-smoke.json").read_text())["sections"]
     cell = sections["grid"]["cells"][0]

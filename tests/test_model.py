@@ -163,7 +163,8 @@ def _loss_and_grads(cfg, params, batch, dropout_rng=None):
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False)]
                          + [dict(remat_policy=p) for p in REMAT_POLICIES if p != "none"]
-                         + [dict(scan_layers=False, remat_policy=p) for p in ("dots_no_batch", "minimal")], ids=str)
+                         + [pytest.param(dict(scan_layers=False, remat_policy=p), marks=pytest.mark.slow)  # for time
+                            for p in ("dots_no_batch", "minimal")], ids=str)
 def test_scan_unroll_and_remat_agree(variant):
     """Every remat policy BertConfig accepts runs, scanned and unrolled, with the loss and gradients of none."""
     base = _tiny()

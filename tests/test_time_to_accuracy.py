@@ -82,3 +82,23 @@ def test_time_to_target_interpolates_between_checkpoints():
     assert tta.time_to(curve, 0.15) == pytest.approx(180.0)
     assert tta.time_to(curve, 0.025) == pytest.approx(30.0)
     assert tta.time_to(curve, 0.3) is None
+
+
+@pytest.mark.parametrize("cell", ["tiny", "mini"])
+def test_every_ablation_is_a_valid_change_of_the_recipe(cell, tmp_path):
+    """Each ablation's overrides load as a run config on top of the recipe's, and each takes effect."""
+    from flaxbert import run_config as rc
+
+    c, hp = tta.cells()[cell], tta.SAME[cell]
+    base = tta.flaxbert_overrides(c, hp, 60.0, tmp_path / "run", tmp_path / "train.txt", 8192) + tta.RECIPE[cell]
+    recipe = rc.load("", base)
+    changed = set()
+    for name, extra in tta.ablations(cell).items():
+        cfg = rc.load("", base + extra)
+        for override in extra:
+            key, value = override[2:].split("=")
+            section, field = key.split(".")
+            assert str(getattr(getattr(cfg, section), field)).lower() == str(type(getattr(getattr(
+                recipe, section), field))(value)).lower(), (name, override)
+        changed |= {name} if cfg != recipe else set()
+    assert changed == set(tta.ablations(cell)) - {"recipe"}  # each one changes the recipe's run

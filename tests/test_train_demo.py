@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from flaxbert.train.writer import latest_by_step, read_jsonl
@@ -93,7 +94,8 @@ def test_two_fresh_demo_runs_give_bitwise_equal_losses(tmp_path):
     # pinned: the first 20 demo losses as this code computes them on this kind of CPU (XLA:CPU, fp32). A change
     # that is meant to leave training alone (a refactor) must leave them bit for bit; one that changes them on
     # purpose writes the file again (python -m flaxbert.pretrain --run.steps=20 ..., see the file's "how")
-    pinned = json.loads(PINNED.read_text())
-    assert [float.fromhex(h) for h in pinned["losses"]] == losses[0], (
-        "the demo's first 20 losses moved: " + ", ".join(f"{a!r} vs {b!r}" for a, b in
-                                                         zip(losses[0], map(float.fromhex, pinned["losses"]))))
+    # XLA:CPU's kernels differ by instruction set (AVX2, AVX-512), and with them the last bits of a float32
+    # loss (seen: 7.0682044 on one machine, 7.0682039 on another), so across machines the pin holds to 1e-5;
+    # any change to the model, its initialisation or the data moves these losses by far more.
+    pinned = [float.fromhex(h) for h in json.loads(PINNED.read_text())["losses"]]
+    np.testing.assert_allclose(losses[0], pinned, rtol=1e-5, err_msg="the demo's first 20 losses moved")

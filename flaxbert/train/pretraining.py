@@ -18,20 +18,26 @@ from flaxbert import heads
 from flaxbert import run_config as rc
 from flaxbert.config import BertConfig
 from flaxbert.errors import DataError
-from flaxbert.losses import pretraining_losses
+from flaxbert.losses import mlm_loss, pretraining_losses
 from flaxbert.train import rundir
-from flaxbert.train.loop import Job
+from flaxbert.train.loop import Job, Snapshots
 from flaxbert.train.step import LossOutput
+
+
+def head_name(nsp: bool) -> str:
+    """The head a pretraining run trains: BERT's MLM + NSP head, or (`nsp=False`, as RoBERTa, DistilBERT and
+    Cramming train) the masked-LM head alone, which every family has."""
+    return "pretraining" if nsp else "masked_lm"
 
 
 def make_loss_fn(config: BertConfig, nsp: bool = True):
     """loss = mean MLM cross-entropy + mean NSP cross-entropy (google-research/bert), with accuracies;
-    `nsp=False`: the MLM term only (the NSP classifier is still computed but gets no gradient)."""
+    `nsp=False`: the MLM term of the masked-LM head only."""
+    head = head_name(nsp)
+
     def loss_fn(params, batch, dropout_rng):
-        out = heads.apply_head(params, batch, config, head="pretraining", dropout_rng=dropout_rng)
-        losses = pretraining_losses(out, batch)
-        if not nsp:
-            losses = {"mlm": losses["mlm"]}
+        out = heads.apply_head(params, batch, config, head=head, dropout_rng=dropout_rng)
+        losses = pretraining_losses(out, batch) if nsp else {"mlm": mlm_loss(out, batch)}
         return LossOutput(terms={k: (t.loss_sum, t.weight) for k, t in losses.items()},
                           metrics={f"{k}_accuracy": (t.correct, t.weight) for k, t in losses.items()})
     return loss_fn
@@ -182,6 +188,28 @@ def _build_data(cfg: rc.RunConfig, model: BertConfig, train_dir: str, eval_dir: 
     data.prepare(train_txt, tokenizer, train_dir, d.prepare_settings(), **kw)  # last: its manifest marks "done"
 
 
+def continued(cfg: rc.RunConfig) -> rc.RunConfig:
+    """`cfg` for a run that continues from `run.init_from`: MLM only when the checkpoint's family has no
+    next-sentence head (DistilBERT, RoBERTa, XLM-R, ELECTRA), and the checkpoint's own tokenizer when no
+    `data.vocab` is given (a vocabulary trained here would not match its embedding rows)."""
+    where = cfg.run.init_from
+    if not where:
+        return cfg
+    from flaxbert import hf
+
+    family, d = hf.load_config(where).family, cfg.data
+    if d.nsp and not family.has_nsp:
+        log.info("%s: model_type %r has no next-sentence prediction head; continuing MLM pretraining only "
+                 "(data.nsp=false)", where, family.model_type)
+        d = dataclasses.replace(d, nsp=False)
+    if not d.vocab and not d.prepared_dir:
+        if not any(os.path.isfile(os.path.join(where, f)) for f in hf.TOKENIZER_FILES):
+            raise rc.ConfigError(f"{where} holds no tokenizer ({' or '.join(hf.TOKENIZER_FILES)}), and a vocabulary "
+                                 f"trained here would not match its embeddings: pass data.vocab=<its tokenizer dir>")
+        d = dataclasses.replace(d, vocab=where)
+    return dataclasses.replace(cfg, data=d)
+
+
 def model_config(cfg: rc.RunConfig):
     """(BertConfig, initial params or None): from `run.init_from` (an HF checkpoint dir, keeping this run's
     flaxbert-only settings such as dtype and remat) or from the `model` section."""
@@ -190,9 +218,30 @@ def model_config(cfg: rc.RunConfig):
     from flaxbert import hf
 
     keep = {k: getattr(cfg.model, k) for k in ("dtype", "attention_impl", "scan_layers", "remat_policy")}
-    loaded = hf.load_pretrained(cfg.run.init_from, head="pretraining", config_overrides=keep,
+    loaded = hf.load_pretrained(cfg.run.init_from, head=head_name(cfg.data.nsp), config_overrides=keep,
                                 load_tokenizer=False)
     return loaded.config, loaded.params
+
+
+class ExportHF(Snapshots):
+    """Writes the model (with the run's tokenizer) as a Hugging Face directory when the run finishes: one
+    that transformers and `flaxbert.load_pretrained` load, e.g. to fine-tune or to start phase 2 from."""
+
+    def __init__(self, cfg: rc.RunConfig, out_dir: str):
+        self.cfg, self.out_dir = cfg, out_dir
+
+    def due(self, step: int, train_seconds: float) -> bool:
+        return False  # the loop takes a snapshot when the run is done
+
+    def take(self, step: int, train_seconds: float, params):
+        from flaxbert import hf, vocab
+
+        if jax.process_index() == 0:
+            tokenizer = vocab.load_tokenizer(os.path.join(data_dirs(self.cfg)[0], "tokenizer"))  # the data's own
+            hf.save_pretrained(hf.PretrainedModel(self.cfg.model, params, head=head_name(self.cfg.data.nsp)),
+                               self.out_dir, tokenizer=tokenizer)
+            log.info("step %d: wrote the model as a Hugging Face directory to %s", step, self.out_dir)
+        return None
 
 
 def _model_tokenizer_sha256(cfg: rc.RunConfig, manifest: dict) -> str:
@@ -250,6 +299,7 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
     before anything compiles."""
     from flaxbert import data
 
+    cfg = continued(cfg)
     model, initial = model_config(cfg)
     cfg = dataclasses.replace(cfg, model=model)  # re-runs the static checks against the loaded model
     mesh_shape = rc.validate_for_run(cfg, jax.device_count(), process_count=jax.process_count())  # before preparing
@@ -279,8 +329,9 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
             eval_batches = lambda: data.make_loader(eval_dir, seed=0, shuffle=False, num_epochs=1,  # noqa: E731
                                                     **{**common, "masking": "static"})
     seq = manifest["max_seq_length"]
-    task = Job(init_params=lambda rng: heads.init(model, rng, head="pretraining"),
-                logical_axes=heads.logical_axes(model, "pretraining"), loss_fn=make_loss_fn(model, d.nsp),
+    head = head_name(d.nsp)
+    task = Job(init_params=lambda rng: heads.init(model, rng, head=head),
+                logical_axes=heads.logical_axes(model, head), loss_fn=make_loss_fn(model, d.nsp),
                 train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
                 mesh_shape=mesh_shape, progress_keys=(("mlm_accuracy", "mlm_acc"), ("nsp_accuracy", "nsp_acc")),
                 flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
