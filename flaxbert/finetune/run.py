@@ -20,7 +20,7 @@ import jax
 import yaml
 
 from flaxbert import hf, run_config
-from flaxbert.errors import ConfigError, DataError
+from flaxbert.errors import CheckpointError, ConfigError, DataError
 from flaxbert.infer import batching
 from flaxbert.finetune import evaluate as E
 from flaxbert.infer import features as F
@@ -484,14 +484,23 @@ def load_pretraining_run(run_dir: str, head: str, num_labels: int, seed: int = 0
     the vocabulary it trained (`<run_dir>/vocab`)."""
     from flaxbert.vocab import load_tokenizer
 
+    from flaxbert.train.pretraining import head_name
+
     cfg = run_config.load(os.path.join(run_dir, "config.yaml"))
-    init_pretraining = lambda r: init(cfg.model, r, "pretraining")  # noqa: E731
     directory = cfg.checkpoint.directory or os.path.join(run_dir, "checkpoints")
-    checkpointer, target = _restore_target(cfg, init_pretraining, logical_axes(cfg.model, "pretraining"), directory)
-    try:
-        restored = checkpointer.restore_latest(target)
-    finally:
-        checkpointer.close()
+    trained = head_name(cfg.data.nsp)
+    # MLM-only runs made before they trained the masked-LM head alone hold the MLM + NSP head
+    for tried in dict.fromkeys([trained, "pretraining"]):
+        checkpointer, target = _restore_target(cfg, lambda r, h=tried: init(cfg.model, r, h),
+                                               logical_axes(cfg.model, tried), directory)
+        try:
+            restored = checkpointer.restore_latest(target)
+            break
+        except CheckpointError:
+            if tried == "pretraining":
+                raise
+        finally:
+            checkpointer.close()
     if restored is None:
         raise DataError(f"{run_dir}: no checkpoint in {directory}")
     fresh = init(cfg.model, jax.random.key(seed), head, num_labels)
@@ -499,7 +508,7 @@ def load_pretraining_run(run_dir: str, head: str, num_labels: int, seed: int = 0
     tokenizer = load_tokenizer(cfg.data.vocab or os.path.join(run_dir, "vocab"))
     report = hf.LoadReport(source=f"{directory}/{int(restored[0].step)}", missing=[],
                            initialized=[f"{head}/{name}" for name in _leaf_names(fresh[head])],
-                           unexpected=["pretraining"])
+                           unexpected=[tried])
     return hf.PretrainedModel(cfg.model, params, tokenizer, head, report)
 
 
