@@ -38,6 +38,13 @@ class BertConfig:
     # hidden_dropout_prob (its QA head not at all) and its config.json has neither, so there they keep these defaults.
     seq_classif_dropout: float = 0.2
     qa_dropout: float = 0.1
+    # BERT's, RoBERTa's and ELECTRA's `classifier_dropout`: the dropout of their classifier heads (sequence, token,
+    # and BERT's multiple choice); None, as in their config.json, means hidden_dropout_prob
+    classifier_dropout: Optional[float] = None
+    # ELECTRA's multiple-choice head: the dropout after its summary layer
+    summary_last_dropout: float = 0.1
+    # False: the MLM decoder has weights of its own (config.json's tie_word_embeddings), not the word embeddings
+    tie_word_embeddings: bool = True
     # ELECTRA's embedding width when it is not hidden_size (then a dense layer projects the embeddings up);
     # None: hidden_size, as in every other family
     embedding_size: Optional[int] = None
@@ -75,10 +82,15 @@ class BertConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(
                 f"BertConfig.remat_policy {self.remat_policy!r} is unknown; choose one of {REMAT_POLICIES}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "seq_classif_dropout", "qa_dropout"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "seq_classif_dropout", "qa_dropout",
+                     "classifier_dropout", "summary_last_dropout"):
             p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
+            if p is None and name == "classifier_dropout":
+                continue
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ConfigError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"BertConfig.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in sorted(families.OWN_FIELDS - set(family.own_fields)):
             if getattr(self, name) != defaults[name]:

@@ -17,7 +17,7 @@ from flaxbert.errors import ConfigError
 # BertConfig fields that a HF config.json carries, under BERT's own names.
 BERT_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                  "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
+                  "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "tie_word_embeddings")
 BERT_ARCHITECTURES = {
     None: "BertModel",
     "pretraining": "BertForPreTraining",
@@ -102,7 +102,7 @@ class Family:
                               f"it for this family); its heads: {', '.join(h for h in self.architectures if h)}")
 
 
-BERT = Family(model_type="bert")
+BERT = Family(model_type="bert", own_fields=("classifier_dropout",))
 
 # DistilBERT: BERT's post-LN layer under other names, no token types, no pooler; its sentence heads put a
 # dense+ReLU (`pre_classifier`) on token 0 instead (flaxbert.heads.FAMILY_HEADS).
@@ -128,7 +128,8 @@ ROBERTA = Family(
     architectures={head: arch.replace("Bert", "Roberta") for head, arch in BERT_ARCHITECTURES.items()
                    if head != "pretraining"},
     refused_heads={"pretraining": "RoBERTa is trained without next-sentence prediction; use 'masked_lm'"},
-    passthrough_keys=("bos_token_id", "eos_token_id", "classifier_dropout"),
+    passthrough_keys=("bos_token_id", "eos_token_id"),
+    own_fields=("classifier_dropout",),
     positions_after_pad=True,
     mlm_activation="gelu",
 )
@@ -148,8 +149,8 @@ ELECTRA = Family(
     pooler=False,
     refused_heads={"pretraining": "ELECTRA has no next-sentence prediction; its pretraining head is "
                                   "'replaced_token_detection' (the discriminator)"},
-    passthrough_keys=("summary_activation", "summary_last_dropout", "classifier_dropout"),
-    own_fields=("embedding_size",),
+    passthrough_keys=("summary_activation",),
+    own_fields=("embedding_size", "classifier_dropout", "summary_last_dropout"),
     mlm_activation="gelu",
 )
 

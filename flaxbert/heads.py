@@ -52,7 +52,8 @@ class MultipleChoiceOutput(NamedTuple):
 
 
 class MLMHead(nn.Module):
-    """dense -> act -> LayerNorm -> logits against the tied word embeddings + bias."""
+    """dense -> act -> LayerNorm -> logits against the tied word embeddings (or, with tie_word_embeddings
+    false, a decoder of its own) + bias."""
 
     config: BertConfig
 
@@ -66,7 +67,12 @@ class MLMHead(nn.Module):
         act = activation(c.family.mlm_activation or c.hidden_act)
         h = LayerNorm(c.layer_norm_eps, dtype, name="transform_norm")(act(h))
         bias = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), jnp.float32)
-        return attend(h).astype(jnp.float32) + bias
+        if c.tie_word_embeddings:
+            logits = attend(h)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                              kernel_init=normal_init(c, ("embed", "vocab")), name="decoder")(h)
+        return logits.astype(jnp.float32) + bias
 
 
 def _classifier(config: BertConfig, features: int, name: str):
@@ -80,7 +86,7 @@ class _HeadModule(nn.Module):
     config: BertConfig
     num_labels: int
     deterministic: bool
-    dropout_rate: float = 0.0  # the head's own dropout (`HeadSpec.dropout` names the config field it comes from)
+    dropout_rate: float = 0.0  # the head's own dropout (`HeadSpec.dropout` names the config fields it comes from)
 
     def dropped(self, x):
         return Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
@@ -252,46 +258,55 @@ def _mlm_logits(config: BertConfig, out, batch, attend):
     return MLMHead(config, name="mlm")(h, attend)
 
 
+CLASSIFIER_DROPOUT = ("classifier_dropout", "hidden_dropout_prob")  # HF: classifier_dropout, else the hidden rate
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
     """A registered head: its module, whether its width is the task's label count, whether its batch has a
-    choices axis ([batch, choices, seq]), whether it predicts at masked positions, and the BertConfig field that
-    is its dropout rate in training (None: no dropout, as in HF's BERT QA head)."""
+    choices axis ([batch, choices, seq]), whether it predicts at masked positions, and the BertConfig fields its
+    dropout rate in training comes from, as the family's HF class reads them: the first that is not None
+    (empty: no dropout, as in HF's BERT QA head)."""
 
     module: type
     sized_by_labels: bool = False
     choices: bool = False
     masked_positions: bool = False
-    dropout: Optional[str] = "hidden_dropout_prob"
+    dropout: tuple[str, ...] = CLASSIFIER_DROPOUT
 
     def dropout_rate(self, config: BertConfig) -> float:
-        return 0.0 if self.dropout is None else float(getattr(config, self.dropout))
+        rates = [getattr(config, name) for name in self.dropout if getattr(config, name) is not None]
+        return float(rates[0]) if rates else 0.0
 
 
 HEAD_TABLE: dict[str, HeadSpec] = {
-    "pretraining": HeadSpec(PretrainingHead, masked_positions=True),
-    "masked_lm": HeadSpec(MaskedLMHead, masked_positions=True),
+    "pretraining": HeadSpec(PretrainingHead, masked_positions=True, dropout=("hidden_dropout_prob",)),
+    "masked_lm": HeadSpec(MaskedLMHead, masked_positions=True, dropout=("hidden_dropout_prob",)),
     "sequence_classification": HeadSpec(SequenceClassificationHead, sized_by_labels=True),
     "token_classification": HeadSpec(TokenClassificationHead, sized_by_labels=True),
     "token_classification_crf": HeadSpec(TokenClassificationCRFHead, sized_by_labels=True),
-    "question_answering": HeadSpec(QuestionAnsweringHead, dropout=None),
+    "question_answering": HeadSpec(QuestionAnsweringHead, dropout=()),
     "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True),
-    "replaced_token_detection": HeadSpec(ReplacedTokenDetectionHead, dropout=None),  # ELECTRA's only
+    "replaced_token_detection": HeadSpec(ReplacedTokenDetectionHead, dropout=()),  # ELECTRA's only
 }
 HEADS = tuple(HEAD_TABLE)
-# Heads whose shape differs in a family (model_type -> head -> spec); the others are HEAD_TABLE's.
+_ROBERTA_HEADS = {
+    "sequence_classification": HeadSpec(DenseTanhSequenceHead, sized_by_labels=True),
+    "multiple_choice": HeadSpec(MultipleChoiceHead, choices=True, dropout=("hidden_dropout_prob",)),  # not classifier_
+}
+# Heads whose shape (or dropout) differs in a family (model_type -> head -> spec); the others are HEAD_TABLE's.
 FAMILY_HEADS: dict[str, dict[str, HeadSpec]] = {
     "distilbert": {
         "sequence_classification": HeadSpec(PreClassifierSequenceHead, sized_by_labels=True,
-                                            dropout="seq_classif_dropout"),
-        "multiple_choice": HeadSpec(PreClassifierMultipleChoiceHead, choices=True, dropout="seq_classif_dropout"),
-        "question_answering": HeadSpec(QuestionAnsweringHead, dropout="qa_dropout"),
+                                            dropout=("seq_classif_dropout",)),
+        "multiple_choice": HeadSpec(PreClassifierMultipleChoiceHead, choices=True, dropout=("seq_classif_dropout",)),
+        "question_answering": HeadSpec(QuestionAnsweringHead, dropout=("qa_dropout",)),
     },
-    "roberta": {"sequence_classification": HeadSpec(DenseTanhSequenceHead, sized_by_labels=True)},
-    "xlm-roberta": {"sequence_classification": HeadSpec(DenseTanhSequenceHead, sized_by_labels=True)},
+    "roberta": _ROBERTA_HEADS,
+    "xlm-roberta": _ROBERTA_HEADS,
     "electra": {
         "sequence_classification": HeadSpec(DenseGeluSequenceHead, sized_by_labels=True),
-        "multiple_choice": HeadSpec(SummaryMultipleChoiceHead, choices=True),
+        "multiple_choice": HeadSpec(SummaryMultipleChoiceHead, choices=True, dropout=("summary_last_dropout",)),
     },
 }
 

@@ -69,6 +69,16 @@ class PretrainedModel:
         from flaxbert.heads import num_labels_of
         return num_labels_of(self.params, self.head)
 
+    def check_tokenizer(self, source: str) -> None:
+        """An HFLoadError, naming `source`, when there is no tokenizer or it has more tokens than the embedding
+        table has rows (its ids past the table would fail, or be clamped, in the middle of a run)."""
+        if self.tokenizer is None:
+            raise HFLoadError(f"{source}: no tokenizer files (tokenizer.json or vocab.txt) in the model directory")
+        n = len(self.tokenizer)
+        if n > self.config.vocab_size:
+            raise HFLoadError(f"{source}: the tokenizer has {n} tokens but the model's embedding table has only "
+                              f"{self.config.vocab_size} rows (vocab_size); the tokenizer is not this model's")
+
 
 # ----- the name tables, one per family ---------------------------------------------------------
 
@@ -89,6 +99,24 @@ class HFNames:
     # head -> PyTorch entries HF writes as copies (the tied decoder): name -> the PyTorch name it copies
     pt_tied: Mapping[str, Mapping[str, str]]
     no_pooler_heads: tuple = ()  # heads HF saves without the pooler
+
+    def _untied(self, config: BertConfig) -> tuple:
+        """The decoder kernels that are weights of their own in this config (tie_word_embeddings false)."""
+        return () if config.tie_word_embeddings else tuple(n for n, source in self.tied.items() if source is None)
+
+    def head_names(self, head: Optional[str], config: BertConfig) -> tuple:
+        """(flaxbert path under the head, HF Flax name) of `head`'s parameters in `config`: with untied word
+        embeddings an MLM head's decoder kernel is one of them."""
+        own = tuple(("mlm/decoder/kernel", n) for n in self._untied(config)) if head in MLM_HEADS else ()
+        return tuple(self.heads[head]) + own
+
+    def tied_names(self, config: BertConfig) -> dict:
+        """The HF entries derived from others in `config`: `tied` less the decoder kernels that are untied."""
+        untied = self._untied(config)
+        return {n: source for n, source in self.tied.items() if n not in untied}
+
+
+MLM_HEADS = ("masked_lm", "pretraining")  # the heads with the (tied or untied) MLM decoder
 
 
 def _layer_rules(cfg: BertConfig, names: HFNames):
@@ -435,7 +463,7 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
         elif not (head in names.no_pooler_heads and our.startswith("pooler/")):  # HF saves that head without one
             missing.append(f"bert/{our}")
     _stack_layers(flat, config, names, ours, used, missing)
-    for our, hf_name in names.heads[head]:
+    for our, hf_name in names.head_names(head, config):
         path = f"{head}/{our}"
         if hf_name in flat:
             put(path, flat[hf_name], hf_name, True)
@@ -443,7 +471,7 @@ def hf_to_flaxbert(flat: dict, config: BertConfig, head: Optional[str], num_labe
         else:
             initialized.append(path)
     word = ours["bert/embeddings/word_embeddings"]
-    for tied, source in names.tied.items():
+    for tied, source in names.tied_names(config).items():
         if tied in flat:
             value = flat[tied]
             if source is None:
@@ -470,7 +498,7 @@ def flaxbert_to_hf(params: Mapping, config: BertConfig, head: Optional[str]) -> 
         for i in range(config.num_hidden_layers):
             out[f"{names.prefix}/{names.layer}/{i}/{hf_suffix}"] = to_hf(stacked[i])
     if head is not None:
-        for our, hf_name in names.heads[head]:
+        for our, hf_name in names.head_names(head, config):
             out[hf_name] = flat[f"{head}/{our}"]
     return out
 
@@ -650,7 +678,8 @@ def save_pretrained(model: PretrainedModel, out_dir: str, *, tokenizer=None, fla
     hf_config = model.config.to_hf_config(architectures=[family.architectures[head]], **extra)
     pt = _flax_to_pt_names(flat, with_prefix=head is not None, prefix=names.prefix)
     for tied, source in names.pt_tied.get(head, {}).items():  # the tied decoder, written where HF writes it
-        pt[tied] = pt[source].copy()
+        if tied not in pt:  # an untied decoder is written as the head's own weight
+            pt[tied] = pt[source].copy()
     tmp = os.path.join(out_dir, ".tmp-model.safetensors")
     save_file(pt, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))

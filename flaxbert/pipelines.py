@@ -40,8 +40,7 @@ def _label_names(model: hf.PretrainedModel) -> list[str]:
 
 class _Pipeline:
     def __init__(self, model: hf.PretrainedModel, max_length: int, batch_size: int):
-        if model.tokenizer is None:
-            raise hf.HFLoadError("the model directory has no tokenizer (tokenizer.json or vocab.txt)")
+        model.check_tokenizer("the model")
         self.model, self.batch_size = model, batch_size
         self.max_length = min(max_length, model.config.max_sequence_length)
         self.boundaries = batching.bucket_boundaries(self.max_length)
@@ -130,12 +129,13 @@ class QuestionAnsweringPipeline(_Pipeline):
                                      base.max_query_length, base.n_best_size, base.max_answer_length)
 
     def __call__(self, question: Union[str, Sequence[str]], context: Union[str, Sequence[str]],
-                 handle_impossible_answer: bool = False, null_threshold: float = 0.0):
-        """{"answer", "score", "start", "end"}: the best span of `context` (character offsets)."""
+                 handle_impossible_answer: bool = False, null_threshold: float = 0.0, align_to_words: bool = True):
+        """{"answer", "score", "start", "end"}: the best span of `context` (character offsets), widened to whole
+        words as transformers' pipeline does (`align_to_words=False`: the span of its tokens)."""
         single = isinstance(question, str)
         qs, cs = ([question], [context]) if single else (list(question), list(context))
         examples = [QAExample(str(i), "", c, q, [], False, f"input {i}") for i, (q, c) in enumerate(zip(qs, cs))]
-        feats = F.qa_features(self.model.tokenizer, examples, self.settings, training=False)
+        feats = F.qa_features(self.model.tokenizer, examples, self.settings, training=False, word_spans=align_to_words)
         rows = self._run(feats, seq_outputs=True)
         preds = F.qa_postprocess(examples, feats, [r[0] for r in rows], [r[1] for r in rows], self.settings,
                                  version_2=handle_impossible_answer, null_threshold=null_threshold)
@@ -154,6 +154,7 @@ def pipeline(task: str, model_dir: str, *, max_length: int = 384, batch_size: in
         extra["crf_constraints"] = crf_io.constrained(model_dir)
     else:
         model = hf.load_pretrained(model_dir, head=TASKS[task], num_labels=None, on_head_mismatch="error")
+    model.check_tokenizer(model_dir)
     if model.report is not None and model.report.initialized:
         raise hf.HFLoadError(f"{model_dir}: has no trained {TASKS[task]} head "
                          f"(missing: {', '.join(model.report.initialized[:4])}); fine-tune it first")

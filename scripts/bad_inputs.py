@@ -28,6 +28,7 @@ sys.path.insert(0, REPO)  # benchmarks.common (run as a script from the checkout
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 WIKI = os.path.join(DATA, "wikitext-2", "wiki.valid.tokens")
 SST2 = os.path.join(DATA, "glue", "SST-2")
+SQUAD = os.path.join(DATA, "squad", "dev-v1.1.json")
 FAST = ["--run.progress=false", "--run.eval_every=0", "--run.log_every=1", "--checkpoint.every=2",
         "--run.global_batch_size=8"]
 
@@ -103,6 +104,19 @@ def _hf_model(tmp: str, config: dict, tokenizer: Optional[str] = None) -> None:
         _write(os.path.join(tmp, "model", "tokenizer.json"), tokenizer)
 
 
+def _small_model_with_minilms_tokenizer(tmp: str) -> None:
+    """A random BERT of 1,000 embedding rows beside MiniLM's 30,522-token tokenizer."""
+    import transformers
+
+    from benchmarks.common import minilm_dir
+
+    out = os.path.join(tmp, "model")
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(out)
+
+
 def _custom_csv(rows: str) -> Callable[[str], None]:
     return lambda tmp: (_write(os.path.join(tmp, "train.csv"), "text,label\n" + rows),
                         _write(os.path.join(tmp, "dev.csv"), "text,label\n" + rows))
@@ -170,6 +184,10 @@ CASES = [
          lambda tmp: _hf_model(tmp, {"model_type": "gpt2"})),
     Case("a malformed tokenizer.json", FINETUNE + ["--task=sst2", "--model={tmp}/model", f"--data={SST2}"],
          lambda tmp: _hf_model(tmp, {}, tokenizer="{not json")),
+    Case("a tokenizer with more tokens than the model's embedding rows",
+         FINETUNE + ["--task=sst2", "--model={tmp}/model", f"--data={SST2}"], _small_model_with_minilms_tokenizer),
+    Case("SQuAD windows too short for `doc_stride` (`--max-length=96`, stride 128)",
+         FINETUNE + ["--task=squad", "--model={minilm}", f"--data=train={SQUAD},dev={SQUAD}", "--max-length=96"]),
     Case("a model directory that does not exist", FINETUNE + ["--task=sst2", "--model={tmp}/nowhere",
                                                              f"--data={SST2}"]),
     Case("an unknown task", FINETUNE + ["--task=sst3", "--model={minilm}", f"--data={SST2}"]),

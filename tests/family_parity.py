@@ -129,3 +129,51 @@ def round_trip_from(pt_class, flax_class, hf_config, tmp_path, model_type: str, 
     perturbed_torch(pt_class(hf_config), seed).save_pretrained(tmp_path / "hf")
     model = loaded_clean(tmp_path / "hf", model_type, head)
     return check_round_trip(model, tmp_path / "ours", pt_class, flax_class, batch)
+
+
+def byte_level_bpe_tokenizer(model_max_length: int, vocab_size: int = 400):
+    """RoBERTa's kind of tokenizer, trained here: byte-level BPE on the packaged Meditations."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    from flaxbert.train.pretraining import packaged_corpus
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([packaged_corpus()], vocab_size=vocab_size, min_frequency=2,
+              special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    return transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                             sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                             mask_token="<mask>", model_max_length=model_max_length)
+
+
+def train_wordpiece_vocab(out, data_dir) -> None:
+    """A 1,000-piece uncased WordPiece vocabulary of emotion sentences and CoNLL-2003 words, written as
+    `out/vocab.txt` (for the families whose tokenizer is WordPiece: DistilBERT, ELECTRA)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    texts = [line.rsplit(";", 1)[0] for line in (data_dir / "emotion" / "train.txt").read_text().splitlines()[:2000]]
+    texts += [line.split(" ")[0] for line in (data_dir / "conll2003" / "train.txt").read_text().splitlines()[:20000]
+              if line.strip()]
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=1000, min_frequency=2,
+                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    out.mkdir(parents=True, exist_ok=True)
+    wordpiece.save_model(str(out))
+
+
+def run_finetune_cli(args, out, timeout: int = 300):
+    """`python -m flaxbert.finetune ARGS` for one quick epoch (64 training examples, 32 per eval set, batch 16,
+    lr 1e-3) into `out`, from this checkout; asserts it succeeded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "flaxbert.finetune", *args, "--output-dir", str(out), "--epochs", "1",
+                           "--max-train-examples", "64", "--max-eval-examples", "32", "--no-progress",
+                           "--run.global_batch_size=16", "--optim.lr=1e-3"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

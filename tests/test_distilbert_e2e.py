@@ -5,9 +5,6 @@ transformers' pipelines on the same directories, feature extraction without a po
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +18,7 @@ from flaxbert.finetune.run import make_loss_fn
 from flaxbert.finetune.tasks import get_task
 from flaxbert.infer import batching
 from flaxbert.pipelines import pipeline
+from family_parity import run_finetune_cli, train_wordpiece_vocab
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -28,7 +26,6 @@ torch = pytest.importorskip("torch")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SIZE = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128)
 SENTENCES = ["i feel so happy and loved today", "i am scared of what comes next",
              "this makes me furious", "i was surprised by the news from Germany"]
@@ -37,15 +34,7 @@ NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC
 
 def _save_tokenizer(out: Path):
     """A 1,000-piece uncased WordPiece vocabulary of emotion sentences and CoNLL words, as a DistilBERT tokenizer."""
-    from tokenizers import BertWordPieceTokenizer
-
-    texts = [line.rsplit(";", 1)[0] for line in (DATA / "emotion" / "train.txt").read_text().splitlines()[:2000]]
-    texts += [line.split(" ")[0] for line in (DATA / "conll2003" / "train.txt").read_text().splitlines()[:20000]
-              if line.strip()]
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=1000, min_frequency=2, special_tokens=SPECIALS)
-    out.mkdir(parents=True, exist_ok=True)
-    wordpiece.save_model(str(out))
+    train_wordpiece_vocab(out, DATA)
     tok = transformers.DistilBertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True,
                                                model_max_length=SIZE["max_position_embeddings"])
     tok.save_pretrained(out)
@@ -77,16 +66,6 @@ def _head_dir(tmp_path, base: Path, cls_name: str, labels, scale: float, output:
     return out
 
 
-def _finetune(args, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "flaxbert.finetune", *args, "--output-dir", str(out), "--epochs", "1",
-                           "--max-train-examples", "64", "--max-eval-examples", "32", "--no-progress",
-                           "--run.global_batch_size=16", "--optim.lr=1e-3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _torch_logits(model, enc) -> np.ndarray:
     with torch.no_grad():
         return model.eval()(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
@@ -112,8 +91,8 @@ def _same_logits(model_dir: Path, pt_model, texts, **tok_kw) -> float:
 @pytest.fixture(scope="module")
 def emotion_run(distil_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("emotion") / "out"
-    _finetune(["--task", "emotion", "--model", str(distil_dir), "--data", str(DATA / "emotion"), "--max-length", "32",
-               "--task.bucket_min=32"], out)
+    run_finetune_cli(["--task", "emotion", "--model", str(distil_dir), "--data", str(DATA / "emotion"),
+                      "--max-length", "32", "--task.bucket_min=32"], out)
     return out
 
 
@@ -146,8 +125,8 @@ def test_pipeline_on_the_finetuned_model_matches_transformers(emotion_run):
 
 def test_conll_finetune_cli_saves_what_transformers_loads(distil_dir, tmp_path):
     out = tmp_path / "conll"
-    _finetune(["--task", "conll2003", "--model", str(distil_dir), "--data", str(DATA / "conll2003"),
-               "--max-length", "64", "--task.bucket_min=64"], out)
+    run_finetune_cli(["--task", "conll2003", "--model", str(distil_dir), "--data", str(DATA / "conll2003"),
+                      "--max-length", "64", "--task.bucket_min=64"], out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["eval"]) == {"valid", "test"} and math.isfinite(metrics["eval"]["valid"]["f1"])
     best = out / "best_model"
@@ -184,16 +163,22 @@ def test_ner_pipeline_matches_transformers_first_aggregation(distil_dir, tmp_pat
 
 
 def test_question_answering_pipeline_matches_transformers(distil_dir, tmp_path):
+    """Spans widened to whole words as transformers' pipeline does by default (align_to_words), and the tokens'
+    own spans with align_to_words=False; on this 1,000-piece vocabulary most words are several tokens."""
     d = _head_dir(tmp_path, distil_dir, "DistilBertForQuestionAnswering", None, 30.0, output="qa_outputs")
     ours = pipeline("question-answering", str(d), max_length=128)
     ref = transformers.pipeline("question-answering", model=str(d), tokenizer=str(d), device="cpu")
     context = ("Angela Merkel met Emmanuel Macron in Strasbourg on Tuesday. They talked about the news from "
                "Germany and France, and about the weather in New York City.")
-    for question in ["Who met Macron?", "Where did they meet?"]:
-        # transformers widens a span to whole words by default (align_to_words); flaxbert's spans are its tokens'
-        got = ours(question=question, context=context)
-        want = ref(question=question, context=context, max_answer_len=30, align_to_words=False)
-        assert (got["start"], got["end"], got["answer"]) == (want["start"], want["end"], want["answer"])
+    widened = 0
+    for question in ["Who met Macron?", "Where did they meet?", "What did they talk about?", "When?"]:
+        for align in (True, False):
+            got = ours(question=question, context=context, align_to_words=align)
+            want = ref(question=question, context=context, max_answer_len=30, align_to_words=align)
+            assert (got["start"], got["end"], got["answer"]) == (want["start"], want["end"], want["answer"])
+            assert context[got["start"]:got["end"]] == got["answer"]
+        widened += ours(question=question, context=context)["answer"] != got["answer"]
+    assert widened > 0  # some answer of the random head ends inside a word, so the widening is exercised
 
 
 def test_feature_extraction_without_a_pooler(distil_dir, tmp_path, capsys):

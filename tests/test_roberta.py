@@ -14,7 +14,8 @@ from flaxbert import BertConfig, families
 from flaxbert.errors import ConfigError
 from flaxbert.hf import load_pretrained, save_pretrained
 from flaxbert.model import InputError, default_positions
-from family_parity import HEADS, check_flax_class, check_torch_class, perturbed_torch, round_trip_from
+from family_parity import (HEADS, byte_level_bpe_tokenizer, check_flax_class, check_torch_class, perturbed_torch,
+                           round_trip_from)
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -147,16 +148,7 @@ NER_TEXTS = ["Angela Merkel met Emmanuel Macron in Strasbourg on Tuesday.",
 
 def _bpe_model_dir(tmp_path, cls_name, labels, scale):
     """A RoBERTa directory with a byte-level BPE tokenizer trained here and a random head of `cls_name`."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    from flaxbert.train.pretraining import packaged_corpus
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train([packaged_corpus()], vocab_size=400, min_frequency=2,
-              special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok = transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                            sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                                            pad_token="<pad>", mask_token="<mask>", model_max_length=32)
+    tok = byte_level_bpe_tokenizer(32)
     config = transformers.RobertaConfig(**{**CONFIGS["roberta"][2], "vocab_size": len(tok)}, id2label=dict(
         enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
     torch.manual_seed(3)

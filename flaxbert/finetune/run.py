@@ -148,8 +148,10 @@ def load_model(task: Task, settings: TaskSettings) -> hf.PretrainedModel:
         log.warning("%s: the %s head is newly initialised (%d tensors: %s%s)", settings.model, task.head,
                     len(model.report.initialized), ", ".join(model.report.initialized[:4]),
                     " ..." if len(model.report.initialized) > 4 else "")
-    if model.tokenizer is None:
-        raise DataError(f"{settings.model}: no tokenizer files (tokenizer.json or vocab.txt) in the model directory")
+    try:
+        model.check_tokenizer(settings.model)
+    except hf.HFLoadError as e:  # before any feature is made or anything compiles
+        raise DataError(str(e)) from None
     return model
 
 

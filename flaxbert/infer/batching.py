@@ -21,7 +21,7 @@ import numpy as np
 SEQ_KEYS = ("input_ids", "token_type_ids", "attention_mask", "token_labels")
 PAD_VALUES = {"token_labels": -100}  # everything else pads with 0
 # per-feature keys that never enter the model (kept on the host for post-processing)
-HOST_KEYS = ("offsets", "word_ids", "example_index")
+HOST_KEYS = ("offsets", "word_offsets", "word_ids", "example_index")
 
 
 def bucket_boundaries(max_length: int, smallest: int = 16) -> tuple[int, ...]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from flaxbert.errors import DataError
+from flaxbert.errors import ConfigError, DataError
 from flaxbert.infer.examples import ChoiceExample, QAExample, TextExample, TokenExample
 from flaxbert.scores import softmax
 
@@ -72,8 +74,8 @@ def ner_features(tokenizer, examples: Sequence[TokenExample], max_length: int, l
     """Word tags are put on each word's first sub-token; the other sub-tokens get IGNORE, or with
     `label_all_tokens` the word's tag (B-X continued as I-X). `word_ids` maps tokens back to words
     (-1 for special tokens) for predictions; words cut off by truncation are predicted 'O'."""
-    enc = tokenizer([ex.words for ex in examples], is_split_into_words=True, truncation=True,
-                    max_length=max_length)
+    enc = for_split_words(tokenizer)([ex.words for ex in examples], is_split_into_words=True, truncation=True,
+                                     max_length=max_length)
     out = []
     for i, ex in enumerate(examples):
         f = encoded_arrays(enc, i)
@@ -97,6 +99,26 @@ def ner_features(tokenizer, examples: Sequence[TokenExample], max_length: int, l
             f["token_labels"] = labels
         out.append(f)
     return out
+
+
+def for_split_words(tokenizer):
+    """The tokenizer to encode words already split with. A byte-level BPE tokenizer (RoBERTa's) marks a word's
+    start by the space before it, so each word must get one: transformers allows that only for a tokenizer made
+    with add_prefix_space=True, and refuses the others. Such a copy is loaded from the tokenizer's directory,
+    as HF's run_ner loads it; other tokenizers are returned as they are."""
+    if getattr(tokenizer, "add_prefix_space", True) is not False:
+        return tokenizer
+    source = getattr(tokenizer, "name_or_path", "")
+    if not os.path.isdir(source):
+        raise DataError(f"{type(tokenizer).__name__} {source!r}: a byte-level BPE tokenizer needs "
+                        "add_prefix_space=True to encode split words (NER), and it was not loaded from a directory "
+                        "it could be reloaded from with that setting")
+    return _prefixed(type(tokenizer), source)
+
+
+@functools.lru_cache(maxsize=8)
+def _prefixed(cls, source: str):
+    return cls.from_pretrained(source, add_prefix_space=True)
 
 
 def word_starts(word_ids: np.ndarray) -> np.ndarray:
@@ -138,15 +160,34 @@ def _truncate_question(tokenizer, question: str, max_query_length: int) -> str:
     return question[: enc["offset_mapping"][max_query_length - 1][1]]
 
 
-def qa_features(tokenizer, examples: Sequence[QAExample], settings: QASettings, training: bool) -> list[dict]:
+def _check_windows(tokenizer, questions: Sequence[str], settings: QASettings) -> None:
+    """A ConfigError when a window would hold no more context tokens than `doc_stride` (the overlap between
+    windows) after the longest question, which the tokenizer would refuse deep inside."""
+    if not questions:
+        return
+    longest = max(len(ids) for ids in tokenizer(list(questions), add_special_tokens=False)["input_ids"])
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    room = settings.max_length - longest - specials
+    if settings.doc_stride >= room:
+        raise ConfigError(f"question answering: a window of max_length {settings.max_length} tokens holds "
+                          f"{max(room, 0)} context tokens after a question of {longest} tokens and {specials} special "
+                          f"tokens, not more than doc_stride={settings.doc_stride} (the overlap between windows): lower "
+                          f"doc_stride or max_query_length (task.doc_stride, task.max_query_length), or raise "
+                          f"max_length")
+
+
+def qa_features(tokenizer, examples: Sequence[QAExample], settings: QASettings, training: bool,
+                word_spans: bool = False) -> list[dict]:
     """Windows of `[CLS] question [SEP] context-span [SEP]` over each context, `doc_stride` apart.
 
     Every feature keeps `example_index` and `offsets` [S, 2] (character span of each context token in
-    the context; -1 for question/special tokens) to map logits back to text. With `training`, the
+    the context; -1 for question/special tokens) to map logits back to text; with `word_spans`, also
+    `word_offsets` [S, 2], the span of each context token's whole word (`word_offsets`). With `training`, the
     first gold answer gives `start_positions`/`end_positions`; a window that does not hold the whole
     answer (and an unanswerable question) points both at [CLS] (index 0), as BERT's SQuAD recipe does.
     """
     questions = [_truncate_question(tokenizer, ex.question, settings.max_query_length) for ex in examples]
+    _check_windows(tokenizer, questions, settings)
     enc = tokenizer(questions, [ex.context for ex in examples], truncation="only_second",
                     max_length=settings.max_length, stride=settings.doc_stride, return_overflowing_tokens=True,
                     return_offsets_mapping=True)
@@ -158,6 +199,8 @@ def qa_features(tokenizer, examples: Sequence[QAExample], settings: QASettings, 
         offsets = np.asarray([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], seq_ids)],
                              np.int32).reshape(-1, 2)
         f["offsets"] = offsets
+        if word_spans:
+            f["word_offsets"] = word_offsets(enc[i], offsets)
         f["example_index"] = np.int32(ex_index)
         if training:
             start = end = 0
@@ -171,6 +214,25 @@ def qa_features(tokenizer, examples: Sequence[QAExample], settings: QASettings, 
                     end = int(context_pos[len(context_pos) - 1 - np.argmax(offsets[context_pos[::-1], 0] < char_end)])
             f["start_positions"], f["end_positions"] = np.int32(start), np.int32(end)
         out.append(f)
+    return out
+
+
+def word_offsets(encoding, offsets: np.ndarray) -> np.ndarray:
+    """Each context token's whole-word character span, as transformers' QA pipeline widens answers
+    (`align_to_words`): the tokenizer's word of the token, its characters in the context; the token's own span
+    where the tokenizer has no words (as transformers falls back)."""
+    out = offsets.copy()
+    spans: dict[int, tuple[int, int]] = {}
+    for t, word in enumerate(encoding.word_ids):
+        if offsets[t, 0] < 0 or word is None:
+            continue
+        if word not in spans:
+            try:
+                spans[word] = tuple(encoding.word_to_chars(word, sequence_index=1))
+            except Exception:  # noqa: BLE001 - a tokenizer without words (transformers keeps the offsets too)
+                spans[word] = None
+        if spans[word] is not None:
+            out[t] = spans[word]
     return out
 
 
@@ -188,7 +250,8 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
                    null_threshold: float = 0.0) -> dict[str, QAPrediction]:
     """The best span per question over all its windows: the top `n_best_size` starts x ends that lie in
     the context, end >= start, at most `max_answer_length` tokens. Its text is cut from the context by
-    the character offsets. With `version_2`, the question is unanswerable ("") when the null score
+    the character offsets (its tokens' whole words when the features have `word_offsets`). With `version_2`,
+    the question is unanswerable ("") when the null score
     (min over windows of start[CLS] + end[CLS]) exceeds the best span score by more than `null_threshold`."""
     by_example = collections.defaultdict(list)
     for fi, f in enumerate(features):
@@ -198,6 +261,7 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
         candidates, null_score = [], np.inf
         for fi in by_example.get(ei, []):
             s_log, e_log, offsets = start_logits[fi], end_logits[fi], features[fi]["offsets"]
+            chars = features[fi].get("word_offsets", offsets)
             n = len(offsets)
             s_log, e_log = s_log[:n], e_log[:n]
             null_score = min(null_score, float(s_log[0] + e_log[0]))
@@ -207,7 +271,7 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
                 for e in ends:
                     if offsets[s, 0] < 0 or offsets[e, 0] < 0 or e < s or e - s + 1 > settings.max_answer_length:
                         continue
-                    candidates.append((float(s_log[s] + e_log[e]), int(offsets[s, 0]), int(offsets[e, 1])))
+                    candidates.append((float(s_log[s] + e_log[e]), int(chars[s, 0]), int(chars[e, 1])))
         candidates.sort(key=lambda c: -c[0])
         candidates = candidates[: settings.n_best_size]
         if not candidates:
