@@ -61,17 +61,32 @@ RECIPE = {"tiny": ["--optim.lr=2e-3", "--data.masked_lm_prob=0.25", "--data.max_
 
 
 
-def ablations(cell_name: str) -> dict[str, list[str]]:
-    """`--ablate`: the recipe with one of its choices undone or pushed further, each as config overrides added
-    after RECIPE's, so that each choice's own gain is measured in this benchmark."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One ablation of the recipe: config overrides added after RECIPE's; `documents`: the training text cut into
+    documents of sentences (WikiText-2 articles, Meditations in runs of paragraphs), which next-sentence pairs need;
+    `short_seq` > 0: a sequence-length schedule as BERT's phases 1 and 2, i.e. a run at `short_seq` tokens for
+    `short_share` of the budget, then one at the cell's length started from its weights (`run.init_from`)."""
+
+    overrides: tuple[str, ...] = ()
+    documents: bool = False
+    short_seq: int = 0
+    short_share: float = 0.0
+
+
+def ablations(cell_name: str) -> dict[str, Variant]:
+    """`--ablate`: the recipe with one of its choices undone or changed, so that each choice's own gain is measured
+    in this benchmark (docs/benchmarks.md has what each was predicted to do)."""
     same = SAME[cell_name]
-    return {"recipe": [],
-            f"lr {same.lr:g} (HF's)": [f"--optim.lr={same.lr}"],
-            "15% masking (HF's)": ["--data.masked_lm_prob=0.15", "--data.max_predictions_per_seq=20"],
-            "40% masking": ["--data.masked_lm_prob=0.4", "--data.max_predictions_per_seq=52"],
-            "dropout 0.1 (HF's)": ["--model.hidden_dropout_prob=0.1", "--model.attention_probs_dropout_prob=0.1"],
-            "warmup 20% of the budget": ["--optim.warmup_fraction=0.2"],
-            "packed rows": ["--data.packed=true"]}
+    return {"recipe": Variant(),
+            f"lr {same.lr:g} (HF's)": Variant((f"--optim.lr={same.lr}",)),
+            "warmup 20% of the budget": Variant(("--optim.warmup_fraction=0.2",)),
+            "15% masking (HF's)": Variant(("--data.masked_lm_prob=0.15", "--data.max_predictions_per_seq=20")),
+            "dropout 0.1 (HF's)": Variant(("--model.hidden_dropout_prob=0.1",
+                                           "--model.attention_probs_dropout_prob=0.1")),
+            "packed rows": Variant(("--data.packed=true",)),
+            "MLM + NSP (sentence pairs)": Variant(("--data.nsp=true",), documents=True),
+            "seq 64 for 70% of the budget, then 128": Variant(short_seq=64, short_share=0.7)}
 
 
 CONTENDERS = ("hf_torch", "hf_flax", "flaxbert_same", "flaxbert_recipe")
@@ -118,16 +133,43 @@ def flaxbert_overrides(cell: peers.Cell, hp: peers.HParams, budget_s: float, wor
             f"--run.seed={hp.seed}", "--checkpoint.every=100000000", "--checkpoint.resume=false"]
 
 
+def train_documents() -> list[list[str]]:
+    """The training text as documents of sentences, for next-sentence pairs: the WikiText-2 valid articles, and
+    Meditations in runs of MEDITATIONS_PARAGRAPHS paragraphs (its file marks no books). Headings are left out,
+    as train_texts() leaves them out."""
+    from flaxbert.data.corpus import read_documents, split_sentences
+    from flaxbert.train.pretraining import packaged_corpus
+
+    docs = [list(d.sentences) for d in read_documents([str(DATA / "wikitext-2" / "wiki.valid.tokens")], "wikitext")]
+    paragraphs = [s.strip() for s in Path(packaged_corpus()).read_text(encoding="utf-8").splitlines() if s.strip()]
+    for i in range(0, len(paragraphs), MEDITATIONS_PARAGRAPHS):
+        docs.append([x for p in paragraphs[i:i + MEDITATIONS_PARAGRAPHS] for x in split_sentences(p)])
+    return docs
+
+
+MEDITATIONS_PARAGRAPHS = 20
+
+
+def write_corpus(path: Path, documents: bool) -> None:
+    """flaxbert's copy of the training text (BERT format). By default one document, one line per paragraph, so
+    that rows are cut across lines as run_mlm's blocks are; `documents`: train_documents(), a blank line between."""
+    if documents:
+        text = "\n\n".join("\n".join(d) for d in train_documents())
+    else:
+        text = "\n".join(peers.train_texts(DATA))
+    path.write_text(text + "\n", encoding="utf-8")
+
+
 def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: Sequence[float], out_dir: Path,
-                 extra: Sequence[str] = ()) -> list[dict]:
+                 extra: Sequence[str] = (), documents: bool = False) -> list[dict]:
     from flaxbert import hf
     from flaxbert import run_config as rc
     from flaxbert.train import loop, pretraining
     from flaxbert.vocab import load_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / "train.txt"  # one document, one line per paragraph: rows cut across lines, as run_mlm's
-    corpus.write_text("\n".join(peers.train_texts(DATA)) + "\n", encoding="utf-8")
+    corpus = out_dir / "train.txt"
+    write_corpus(corpus, documents)
     tokenizer = load_tokenizer(cell.vocab_dir)
     cfg = rc.load("", flaxbert_overrides(cell, hp, budget_s, out_dir / "run", corpus, len(tokenizer)) + list(extra))
     cfg, task = pretraining.build_task(cfg)  # preparing the rows is not counted, like the peers' grouping
@@ -164,10 +206,40 @@ def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: S
     return hook.records
 
 
+def run_phases(cell: peers.Cell, hp: peers.HParams, budget_s: float, out_dir: Path, extra: Sequence[str],
+               variant: Variant) -> list[dict]:
+    """A short-then-long sequence schedule in two runs, as BERT's phases: `variant.short_seq` tokens for
+    `variant.short_share` of the budget, then the cell's length from phase 1's final weights. The snapshots keep
+    the budget's points; phase 2's times count from the end of phase 1."""
+    split = variant.short_share
+    predictions = max(1, round(variant.short_seq * _masked_share(extra, hp)))
+    phases = [(0.0, split, [f"--data.seq_len={variant.short_seq}", f"--data.max_predictions_per_seq={predictions}"]),
+              (split, 1.0, [])]
+    records: list[dict] = []
+    for k, (lo, hi, own) in enumerate(phases):
+        local = [(p - lo) / (hi - lo) for p in POINTS if lo < p < hi] + [1.0]
+        start = [f"--run.init_from={records[-1]['dir']}"] if records else []
+        phase = run_flaxbert(cell, hp, budget_s * (hi - lo), local, out_dir / f"phase-{k + 1}",
+                             list(extra) + own + start)
+        offset = records[-1]["wall_s"] if records else 0.0
+        steps = records[-1]["step"] if records else 0
+        for r in phase:
+            r.update(fraction=lo + r["fraction"] * (hi - lo), wall_s=r["wall_s"] + offset, step=r["step"] + steps,
+                     phase=k + 1)
+        records += phase
+    return records
+
+
+def _masked_share(extra: Sequence[str], hp: peers.HParams) -> float:
+    """The masking rate the last `--data.masked_lm_prob` override of `extra` sets (HParams' when none does)."""
+    rates = [float(x.split("=", 1)[1]) for x in extra if x.startswith("--data.masked_lm_prob=")]
+    return rates[-1] if rates else hp.mlm_probability
+
+
 # ----- one contender in its own process -----------------------------------------------------------
 
-def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path) -> list[dict]:
-    cell, hp = cells()[cell_name], SAME[cell_name]
+def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path, seed: int = 0) -> list[dict]:
+    cell, hp = cells()[cell_name], dataclasses.replace(SAME[cell_name], seed=seed)
     if name == "hf_torch":
         blocks = peers.group_blocks(peers.tokenizer_of(cell), peers.train_texts(DATA), cell.seq_len)
         return peers.run_hf_torch(cell, hp, blocks, budget_s, list(POINTS), str(out_dir))
@@ -175,9 +247,12 @@ def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path) -> list
         blocks = peers.group_blocks(peers.tokenizer_of(cell), peers.train_texts(DATA), cell.seq_len)
         return peers.run_hf_flax(cell, hp, blocks, budget_s, list(POINTS), str(out_dir))
     if name.startswith(ABLATION):
-        extra = RECIPE[cell_name] + ablations(cell_name)[name[len(ABLATION):]]
-    else:
-        extra = RECIPE[cell_name] if name == "flaxbert_recipe" else []
+        variant = ablations(cell_name)[name[len(ABLATION):]]
+        extra = RECIPE[cell_name] + list(variant.overrides)
+        if variant.short_seq:
+            return run_phases(cell, hp, budget_s, out_dir, extra, variant)
+        return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra, documents=variant.documents)
+    extra = RECIPE[cell_name] if name == "flaxbert_recipe" else []
     return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra)
 
 
@@ -185,24 +260,46 @@ ABLATION = "ablation:"  # a contender name "ablation:<name>" trains the recipe c
 
 
 def run_ablations(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: str,
-                  eval_blocks: int) -> dict:
-    """Every ablation of the recipe, each in its own process for the same budget, scored by the one evaluator."""
+                  eval_blocks: int, seeds: Sequence[int] = (0,)) -> dict:
+    """Every ablation of the recipe, each in its own process for the same budget, once per seed (the data order,
+    masks and initialisation), scored by the one evaluator. Runs go seed by seed, so that a drift of the
+    machine's speed during the hours this takes spreads over every ablation alike."""
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(), "load_at_start": load_average(), "budget_minutes": budget_s / 60,
-              "points": list(POINTS), "recipe": {c: RECIPE[c] for c in cell_names}, "cells": {}}
+              "points": list(POINTS), "seeds": list(seeds), "recipe": {c: RECIPE[c] for c in cell_names},
+              "cells": {}}
     for cell_name in cell_names:
-        cell, runs = cells()[cell_name], {}
-        for k, (name, extra) in enumerate(ablations(cell_name).items()):
-            print(f"[{cell_name}] training the recipe with {name} for {budget_s / 60:g} min", flush=True)
-            runs[name] = _spawn(ABLATION + name, cell_name, budget_s, work / cell_name / f"ablation-{k}")
-            runs[name][-1]["overrides"] = extra
-        report["cells"][cell_name] = _scored(cell, runs, eval_blocks, report)
-        recipe = report["cells"][cell_name]["contenders"]["recipe"]
-        for row in report["cells"][cell_name]["contenders"].values():
-            row["final_minus_recipe"] = row["final_accuracy"] - recipe["final_accuracy"]
-            row["time_to_recipe_final_s"] = time_to(row["curve"], recipe["final_accuracy"])
+        cell, variants, runs = cells()[cell_name], ablations(cell_name), {}
+        for seed in seeds:
+            for k, (name, variant) in enumerate(variants.items()):
+                print(f"[{cell_name}] seed {seed}: the recipe with {name}, {budget_s / 60:g} min", flush=True)
+                key = _seeded(name, seed, seeds)
+                runs[key] = _spawn(ABLATION + name, cell_name, budget_s, work / cell_name / f"ablation-{k}-{seed}",
+                                   seed)
+                runs[key][-1]["overrides"] = dataclasses.asdict(variant)
+        scored = _scored(cell, runs, eval_blocks, report)
+        scored["by_change"] = seed_means(scored["contenders"], variants, seeds)
+        report["cells"][cell_name] = scored
     _write(report, out, tag, ablation_markdown(report))
     return report
+
+
+def _seeded(name: str, seed: int, seeds: Sequence[int]) -> str:
+    return name if len(seeds) == 1 else f"{name} [seed {seed}]"
+
+
+def seed_means(contenders: dict, variants: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Per change: the final accuracy of each seed, their mean, and the mean's difference from the recipe's mean
+    with the spread of that difference over the seeds (each seed's run against the recipe's run of that seed)."""
+    out = {}
+    recipe = [contenders[_seeded("recipe", s, seeds)]["final_accuracy"] for s in seeds]
+    for name in variants:
+        finals = [contenders[_seeded(name, s, seeds)]["final_accuracy"] for s in seeds]
+        diffs = [f - r for f, r in zip(finals, recipe)]
+        steps = [contenders[_seeded(name, s, seeds)]["steps"] for s in seeds]
+        out[name] = {"finals": finals, "mean": float(np.mean(finals)), "minus_recipe": float(np.mean(diffs)),
+                     "minus_recipe_min": min(diffs), "minus_recipe_max": max(diffs), "mean_steps": float(np.mean(steps))}
+    return out
 
 
 def _scored(cell: peers.Cell, runs: dict, eval_blocks: int, report: dict) -> dict:
@@ -230,11 +327,24 @@ def _write(report: dict, out: Path, tag: str, md: str) -> None:
     plot(report, out / f"{tag}.png")
 
 
-def _spawn(name: str, cell: str, budget_s: float, out_dir: Path) -> list[dict]:
+def mean_curves(cell: dict, seeds: Sequence[int]) -> dict[str, list[tuple[float, float]]]:
+    """An ablation cell's curves averaged over the seeds: (mean wall time, mean accuracy) at each point that every
+    seed's run of the change has."""
+    out = {}
+    for name in cell["by_change"]:
+        runs = [cell["runs"][_seeded(name, s, seeds)] for s in seeds]
+        common = sorted(set.intersection(*[{round(r["fraction"], 6) for r in recs} for recs in runs]))
+        out[name] = [(float(np.mean([r["wall_s"] for recs in runs for r in recs if round(r["fraction"], 6) == f])),
+                      float(np.mean([r["accuracy"] for recs in runs for r in recs if round(r["fraction"], 6) == f])))
+                     for f in common]
+    return out
+
+
+def _spawn(name: str, cell: str, budget_s: float, out_dir: Path, seed: int = 0) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = out_dir / "snapshots.json"
     cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--contender", name, "--cells", cell,
-           "--budget-minutes", str(budget_s / 60), "--work", str(out_dir)]
+           "--budget-minutes", str(budget_s / 60), "--work", str(out_dir), "--seeds", str(seed)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget_s * 3 + 900)
@@ -301,24 +411,32 @@ def markdown(report: dict) -> str:
 
 
 def ablation_markdown(report: dict) -> str:
+    seeds = report.get("seeds", [0])
     lines = [f"# The recipe's choices, one at a time ({report['date']}, {report['machine']['host_cpu']}, "
              f"{report['machine']['host_cores']} cores, load {report['load_at_start'][0]:.1f} at the start)", "",
              f"Each row trains flaxbert's recipe with one change for {report['budget_minutes']:g} min of training wall "
-             f"time; held-out MLM accuracy on {report['eval_predictions']:,} masked positions of WikiText-2 test, "
-             "scored by the same evaluator as the main benchmark.", ""]
+             f"time, once per seed ({', '.join(map(str, seeds))}); held-out MLM accuracy on "
+             f"{report['eval_predictions']:,} masked positions of WikiText-2 test, scored by the same evaluator as "
+             "the main benchmark.", ""]
     for cell, c in report["cells"].items():
         lines += [f"## {cell}: {c['description']}", "",
                   f"Unigram baseline: **{c['unigram_accuracy']:.4f}**. "
                   f"Recipe: `{' '.join(report['recipe'][cell])}`", "",
-                  "| change to the recipe | steps | " + " | ".join(f"acc @ {int(p * 100)}%" for p in POINTS)
-                  + " | final − recipe's | time to the recipe's final |",
-                  "|---|---:|" + "---:|" * len(POINTS) + "---:|---:|"]
+                  "| change to the recipe | mean steps | final accuracy per seed | mean | mean − recipe's "
+                  "(range over seeds) |", "|---|---:|---|---:|---:|"]
+        for name, row in c["by_change"].items():
+            lines.append(f"| {name} | {row['mean_steps']:,.0f} | {' / '.join(f'{a:.4f}' for a in row['finals'])} | "
+                         f"{row['mean']:.4f} | {row['minus_recipe']:+.4f} ({row['minus_recipe_min']:+.4f} to "
+                         f"{row['minus_recipe_max']:+.4f}) |")
+        lines += ["", "Every run:", "",
+                  "| run | steps | " + " | ".join(f"acc @ {int(p * 100)}%" for p in POINTS) + " |",
+                  "|---|---:|" + "---:|" * len(POINTS)]
         for name, row in c["contenders"].items():
-            missing = ["—"] * (len(POINTS) - len(row["curve"]))
-            accs = " | ".join([f"{a:.4f}" for _, a in row["curve"]] + missing)
-            t = row["time_to_recipe_final_s"]
-            lines.append(f"| {name} | {row['steps']:,} | {accs} | {row['final_minus_recipe']:+.4f} | "
-                         f"{'never' if t is None else f'{t:.0f} s'} |")
+            by_fraction = {}
+            for (_, a), rec in zip(row["curve"], c["runs"][name]):
+                by_fraction[round(rec["fraction"], 6)] = a
+            accs = " | ".join(f"{by_fraction[p]:.4f}" if p in by_fraction else "—" for p in POINTS)
+            lines.append(f"| {name} | {row['steps']:,} | {accs} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -333,9 +451,13 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(cells_), figsize=(6.5 * len(cells_), 4.5), squeeze=False)
     for ax, cell in zip(axes[0], cells_):
         c = report["cells"][cell]
-        for name, row in c["contenders"].items():
-            t, a = zip(*[(0.0, 0.0)] + [tuple(p) for p in row["curve"]])
-            ax.plot(np.array(t) / 60, a, marker="o", label=LABELS.get(name, name))
+        if "by_change" in c:  # an ablation report: one line per change, the mean over its seeds
+            curves = mean_curves(c, report["seeds"])
+        else:
+            curves = {LABELS.get(name, name): row["curve"] for name, row in c["contenders"].items()}
+        for name, curve in curves.items():
+            t, a = zip(*[(0.0, 0.0)] + [tuple(p) for p in curve])
+            ax.plot(np.array(t) / 60, a, marker="o", label=name)
         ax.axhline(c["unigram_accuracy"], color="grey", linestyle="--", label="unigram baseline")
         ax.set_title(f"{cell}: {c['description']}")
         ax.set_xlabel("training wall time (min)")
@@ -373,6 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
     ap.add_argument("--build-vocab", action="store_true", help="retrain the committed 8,192-token vocabulary")
     ap.add_argument("--ablate", action="store_true",
                     help="train the recipe with each of its choices changed (ablations()), instead of the contenders")
+    ap.add_argument("--seeds", default="0", help="--ablate: the seeds each change is run with, e.g. 0,1")
     ap.add_argument("--contender", help=argparse.SUPPRESS)  # one contender, in this process
     args = ap.parse_args(argv)
     if args.build_vocab:
@@ -380,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
         return None
     budget_s = args.budget_minutes * 60
     if args.contender:
-        records = train_one(args.contender, args.cells, budget_s, Path(args.work))
+        records = train_one(args.contender, args.cells, budget_s, Path(args.work), int(args.seeds))
         (Path(args.work) / "snapshots.json").write_text(json.dumps(records, indent=2))
         return None
     import tempfile
@@ -390,7 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
         chosen = [c for c in args.cells.split(",") if c]
         if args.ablate:
             tag = args.tag if args.tag != "time-to-accuracy" else "time-to-accuracy-ablations"
-            report = run_ablations(chosen, budget_s, work, Path(args.out), tag, args.eval_blocks)
+            seeds = [int(x) for x in args.seeds.split(",") if x]
+            report = run_ablations(chosen, budget_s, work, Path(args.out), tag, args.eval_blocks, seeds)
             print(ablation_markdown(report))
         else:
             report = run(chosen, budget_s, work, Path(args.out), args.tag, args.eval_blocks)

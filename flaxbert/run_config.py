@@ -66,6 +66,7 @@ class OptimConfig:
     end_lr: float = 0.0
     warmup_steps: int = 60
     warmup_fraction: float = 0.0  # runs on a time budget: > 0 warms up over this share of the budget instead
+    # (of the time after the first step has compiled and run: the budget's schedule starts there)
     decay: str = "linear"  # linear | polynomial | constant
     power: float = 1.0  # polynomial decay power (1.0 == linear)
     b1: float = 0.9

@@ -93,12 +93,35 @@ def test_every_ablation_is_a_valid_change_of_the_recipe(cell, tmp_path):
     base = tta.flaxbert_overrides(c, hp, 60.0, tmp_path / "run", tmp_path / "train.txt", 8192) + tta.RECIPE[cell]
     recipe = rc.load("", base)
     changed = set()
-    for name, extra in tta.ablations(cell).items():
-        cfg = rc.load("", base + extra)
-        for override in extra:
+    for name, variant in tta.ablations(cell).items():
+        cfg = rc.load("", base + list(variant.overrides))
+        for override in variant.overrides:
             key, value = override[2:].split("=")
             section, field = key.split(".")
             assert str(getattr(getattr(cfg, section), field)).lower() == str(type(getattr(getattr(
                 recipe, section), field))(value)).lower(), (name, override)
-        changed |= {name} if cfg != recipe else set()
+        changed |= {name} if cfg != recipe or variant.documents or variant.short_seq else set()
     assert changed == set(tta.ablations(cell)) - {"recipe"}  # each one changes the recipe's run
+
+
+def test_documents_corpus_holds_the_same_text_cut_into_documents(tmp_path):
+    """The NSP ablation's corpus has run_mlm's text (the same words, headings left out), in documents of sentences."""
+    tta.write_corpus(tmp_path / "lines.txt", documents=False)
+    tta.write_corpus(tmp_path / "docs.txt", documents=True)
+    lines = (tmp_path / "lines.txt").read_text(encoding="utf-8")
+    docs = (tmp_path / "docs.txt").read_text(encoding="utf-8")
+    assert "\n\n" not in lines.strip() and docs.count("\n\n") >= 60  # 60 WikiText-2 valid articles, and more
+    assert lines.split() == docs.split()
+    lengths = [len(d.splitlines()) for d in docs.split("\n\n")]
+    assert min(lengths) >= 2 and np.median(lengths) > 10  # sentence pairs within a document exist
+
+
+def test_seed_means_compare_each_seed_with_the_recipe_of_that_seed():
+    row = lambda a: {"final_accuracy": a, "steps": 10}  # noqa: E731
+    contenders = {"recipe [seed 0]": row(0.10), "recipe [seed 1]": row(0.20),
+                  "x [seed 0]": row(0.13), "x [seed 1]": row(0.19)}
+    out = tta.seed_means(contenders, ["recipe", "x"], [0, 1])
+    assert out["x"]["mean"] == pytest.approx(0.16)
+    assert out["x"]["minus_recipe"] == pytest.approx(0.01)
+    assert (out["x"]["minus_recipe_min"], out["x"]["minus_recipe_max"]) == pytest.approx((-0.01, 0.03))
+    assert out["recipe"]["minus_recipe"] == 0.0

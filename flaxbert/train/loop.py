@@ -268,16 +268,22 @@ class _SpikeWatch:
         return None
 
 
-def _restore(cfg: rc.RunConfig, task: Job, engine, checkpointer) -> tuple[Any, float]:
-    """(the state in the checkpoint layout, training seconds already spent): the latest good checkpoint with
-    the loader put back to its position, or a fresh state."""
+class _Resumed(NamedTuple):
+    state: Any  # in the checkpoint layout
+    train_seconds: float  # training time already spent
+    lr_origin_s: Optional[float]  # where a budget run's schedule clock starts (None: not yet known)
+
+
+def _restore(cfg: rc.RunConfig, task: Job, engine, checkpointer) -> _Resumed:
+    """The latest good checkpoint with the loader put back to its position, or a fresh state."""
     restored = checkpointer.restore_latest(engine.target()) if cfg.checkpoint.resume else None
     if restored is None:
-        return engine.init_state(task.initial_params), 0.0
+        return _Resumed(engine.init_state(task.initial_params), 0.0, None)
     state, data_state, meta = restored
     task.train_batches.set_state(data_state)
     log.info("resumed from step %d", int(state.step))
-    return state, float(meta.get("train_seconds", 0.0))
+    origin = meta.get("lr_origin_s")
+    return _Resumed(state, float(meta.get("train_seconds", 0.0)), None if origin is None else float(origin))
 
 
 def train(cfg: rc.RunConfig, task: Job, snapshots: Optional[Snapshots] = None) -> Result:
@@ -287,10 +293,10 @@ def train(cfg: rc.RunConfig, task: Job, snapshots: Optional[Snapshots] = None) -
     engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
     is_main = jax.process_index() == 0
     checkpointer = ckpt.Checkpointer(cfg.checkpoint_dir(), keep=c.keep, async_save=c.async_save)
-    state, spent = _restore(cfg, task, engine, checkpointer)
+    resumed = _restore(cfg, task, engine, checkpointer)
     if is_main:
         rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
-    run = _Run(cfg, task, engine, checkpointer, snapshots, state, spent)
+    run = _Run(cfg, task, engine, checkpointer, snapshots, resumed)
     progress = _Progress(cfg, task, is_main, run.step, run.budget_s > 0)
     try:
         reason, message = run.loop(progress)
@@ -311,13 +317,16 @@ class _Run:
     """The stepping side of a run: the state, its clock, the prefetched batches, and what happens after each
     step (fetch and log, checkpoint, preemption, held-out evaluation, snapshots)."""
 
-    def __init__(self, cfg: rc.RunConfig, task: Job, engine, checkpointer, snapshots, state, spent: float):
+    def __init__(self, cfg: rc.RunConfig, task: Job, engine, checkpointer, snapshots, resumed: _Resumed):
         self.cfg, self.task, self.engine, self.checkpointer, self.snapshots = cfg, task, engine, checkpointer, snapshots
         self.budget_s = cfg.run.budget_minutes * 60.0
-        self.step = int(state.step)
-        self.state = engine.to_layout(state)
+        self.step = int(resumed.state.step)
+        self.state = engine.to_layout(resumed.state)
         self.batches = DevicePrefetch(task.train_batches, engine.put, cfg.run.prefetch)
-        self.clock = _Clock(spent)
+        self.clock = _Clock(resumed.train_seconds)
+        # A budget run's schedule runs on the time after its first step has compiled and run: compilation
+        # (10 s or more) would otherwise use up a short warmup before any step had seen a warm rate.
+        self.lr_origin_s = resumed.lr_origin_s
         self.stopped_at = self.clock.seconds()
         # keep one step in flight when the clock matters, so that it measures the device's time
         self.timed = self.budget_s > 0 or snapshots is not None
@@ -326,12 +335,20 @@ class _Run:
         return self.step >= self.cfg.run.steps or (self.budget_s > 0 and self.clock.seconds() >= self.budget_s)
 
     def save(self) -> None:
-        self.checkpointer.save(self.step, self.engine.to_checkpoint(self.state), self.batches.get_state(),
-                               extra={"train_seconds": self.clock.seconds()})
+        extra = {"train_seconds": self.clock.seconds()}
+        if self.lr_origin_s is not None:
+            extra["lr_origin_s"] = self.lr_origin_s
+        self.checkpointer.save(self.step, self.engine.to_checkpoint(self.state), self.batches.get_state(), extra=extra)
+
+    def budget_progress(self) -> float:
+        """The share of a budget run's schedule spent: 0 until the first step has run, then the time since
+        then over the budget left after it."""
+        if self.lr_origin_s is None:
+            return 0.0
+        return (self.clock.seconds() - self.lr_origin_s) / max(self.budget_s - self.lr_origin_s, 1e-9)
 
     def one_step(self, progress: _Progress, in_flight):
-        lr = optim.budget_lr(self.cfg.optim, self.step, self.clock.seconds() / self.budget_s) \
-            if self.budget_s else None
+        lr = optim.budget_lr(self.cfg.optim, self.step, self.budget_progress()) if self.budget_s else None
         self.state, m = self.engine.step(self.state, next(self.batches), lr)  # dispatched; the host goes on
         self.batches.fill()
         self.step += 1
@@ -339,6 +356,9 @@ class _Run:
         progress.steps += 1
         if self.timed:
             jax.block_until_ready(in_flight if in_flight is not None else m)
+        if self.budget_s and self.lr_origin_s is None:
+            jax.block_until_ready(m)
+            self.lr_origin_s = self.clock.seconds()
         if progress.bar is not None:
             progress.bar.update(1)
         return m

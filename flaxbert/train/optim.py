@@ -24,7 +24,8 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def budget_lr(cfg: OptimConfig, step: int, progress: float) -> float:
     """The learning rate of a run on a wall-clock budget (Izsak et al. 2021; Geiping and Goldstein 2022), where
-    `progress` is the share of the budget spent (0..1): warmup over `warmup_fraction` of the budget (or, when that
+    `progress` is the share of the budget's schedule spent (0..1; the loop starts that clock when the first step
+    has compiled and run): warmup over `warmup_fraction` of the budget (or, when that
     is 0, over the first `warmup_steps` steps), then the decay from `lr` to `end_lr` over the rest of the time."""
     p = min(max(progress, 0.0), 1.0)
     w = cfg.warmup_fraction
