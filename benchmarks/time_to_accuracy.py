@@ -53,25 +53,45 @@ def cells() -> dict[str, peers.Cell]:
 SAME = {"tiny": peers.HParams(batch_size=32, lr=1e-3, warmup_fraction=0.06),
         "mini": peers.HParams(batch_size=32, lr=5e-4, warmup_fraction=0.06)}
 
-# flaxbert's recipe: what it changes from SAME, as config overrides (each measured: docs/benchmarks.md).
-RECIPE = {"tiny": ["--optim.lr=2e-3", "--data.masked_lm_prob=0.25", "--data.max_predictions_per_seq=32",
-                   "--model.hidden_dropout_prob=0.0", "--model.attention_probs_dropout_prob=0.0"],
-          "mini": ["--optim.lr=1e-3", "--data.masked_lm_prob=0.25", "--data.max_predictions_per_seq=32",
-                   "--model.hidden_dropout_prob=0.0", "--model.attention_probs_dropout_prob=0.0"]}
+# flaxbert's recipe: what it changes from SAME, as config overrides, and its sequence-length schedule (each
+# choice measured by --ablate: docs/benchmarks.md; lr and masking rate stay HF's, which the runs did not beat).
+RECIPE_WARMUP = 0.2
+RECIPE = {cell: [f"--optim.warmup_fraction={RECIPE_WARMUP}",
+                 "--model.hidden_dropout_prob=0.0", "--model.attention_probs_dropout_prob=0.0"]
+          for cell in ("tiny", "mini")}
 
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A sequence-length schedule as BERT's phases 1 and 2: a run at `short_seq` tokens for `short_share` of the
+    budget, then one at the cell's length started from its weights (`run.init_from`), each with its own warmup
+    and decay over its share of the budget. `short_seq` 0: one run at the cell's length. `short_batch`: phase 1's
+    batch size (0: the cell's), a batch-size schedule in the same two runs (small batches first)."""
+
+    short_seq: int = 0
+    short_share: float = 0.0
+    short_batch: int = 0
+
+    def describe(self) -> str:
+        if not self.short_seq:
+            return "one run at the cell's sequence length"
+        batch = f" at batch {self.short_batch}" if self.short_batch else ""
+        return (f"seq {self.short_seq}{batch} for {self.short_share:.0%} of the budget, then the cell's length"
+                f"{' and batch' if batch else ''} from its weights (two runs)")
+
+
+RECIPE_SCHEDULE = Schedule(short_seq=64, short_share=0.7)
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One ablation of the recipe: config overrides added after RECIPE's; `documents`: the training text cut into
     documents of sentences (WikiText-2 articles, Meditations in runs of paragraphs), which next-sentence pairs need;
-    `short_seq` > 0: a sequence-length schedule as BERT's phases 1 and 2, i.e. a run at `short_seq` tokens for
-    `short_share` of the budget, then one at the cell's length started from its weights (`run.init_from`)."""
+    `schedule`: a sequence-length schedule in place of the recipe's (None: the recipe's)."""
 
     overrides: tuple[str, ...] = ()
     documents: bool = False
-    short_seq: int = 0
-    short_share: float = 0.0
+    schedule: Optional[Schedule] = None
 
 
 def ablations(cell_name: str) -> dict[str, Variant]:
@@ -79,14 +99,19 @@ def ablations(cell_name: str) -> dict[str, Variant]:
     in this benchmark (docs/benchmarks.md has what each was predicted to do)."""
     same = SAME[cell_name]
     return {"recipe": Variant(),
-            f"lr {same.lr:g} (HF's)": Variant((f"--optim.lr={same.lr}",)),
-            "warmup 20% of the budget": Variant(("--optim.warmup_fraction=0.2",)),
-            "15% masking (HF's)": Variant(("--data.masked_lm_prob=0.15", "--data.max_predictions_per_seq=20")),
+            f"lr {2 * same.lr:g} (2x HF's)": Variant((f"--optim.lr={2 * same.lr}",)),
+            f"warmup {same.warmup_fraction:.0%} of the budget (HF's)": Variant(
+                (f"--optim.warmup_fraction={same.warmup_fraction}",)),
+            "25% masking": Variant(("--data.masked_lm_prob=0.25", "--data.max_predictions_per_seq=32")),
             "dropout 0.1 (HF's)": Variant(("--model.hidden_dropout_prob=0.1",
                                            "--model.attention_probs_dropout_prob=0.1")),
             "packed rows": Variant(("--data.packed=true",)),
             "MLM + NSP (sentence pairs)": Variant(("--data.nsp=true",), documents=True),
-            "seq 64 for 70% of the budget, then 128": Variant(short_seq=64, short_share=0.7)}
+            "seq 128 throughout (one run)": Variant(schedule=Schedule()),
+            # the control for the schedule: the same two runs and restart, both at the cell's 128 tokens
+            "seq 128 in the same two runs": Variant(schedule=Schedule(128, RECIPE_SCHEDULE.short_share)),
+            f"batch {same.batch_size // 2} in phase 1": Variant(schedule=dataclasses.replace(
+                RECIPE_SCHEDULE, short_batch=same.batch_size // 2))}
 
 
 CONTENDERS = ("hf_torch", "hf_flax", "flaxbert_same", "flaxbert_recipe")
@@ -207,20 +232,23 @@ def run_flaxbert(cell: peers.Cell, hp: peers.HParams, budget_s: float, points: S
 
 
 def run_phases(cell: peers.Cell, hp: peers.HParams, budget_s: float, out_dir: Path, extra: Sequence[str],
-               variant: Variant) -> list[dict]:
-    """A short-then-long sequence schedule in two runs, as BERT's phases: `variant.short_seq` tokens for
-    `variant.short_share` of the budget, then the cell's length from phase 1's final weights. The snapshots keep
-    the budget's points; phase 2's times count from the end of phase 1."""
-    split = variant.short_share
-    predictions = max(1, round(variant.short_seq * _masked_share(extra, hp)))
-    phases = [(0.0, split, [f"--data.seq_len={variant.short_seq}", f"--data.max_predictions_per_seq={predictions}"]),
-              (split, 1.0, [])]
+               schedule: Schedule, documents: bool = False) -> list[dict]:
+    """A short-then-long sequence schedule in two runs, as BERT's phases: `schedule.short_seq` tokens for
+    `schedule.short_share` of the budget (at batch `schedule.short_batch` when set), then the cell's length and batch
+    from phase 1's final weights. The snapshots keep
+    the budget's points; phase 2's times count from the end of phase 1 (its start-up and data preparation are not
+    counted, as no contender's preparation is; its compilation is)."""
+    split = schedule.short_share
+    predictions = max(1, round(schedule.short_seq * _masked_share(extra, hp)))
+    batch = [f"--run.global_batch_size={schedule.short_batch}"] if schedule.short_batch else []
+    phases = [(0.0, split, [f"--data.seq_len={schedule.short_seq}", f"--data.max_predictions_per_seq={predictions}"]
+               + batch), (split, 1.0, [])]
     records: list[dict] = []
     for k, (lo, hi, own) in enumerate(phases):
         local = [(p - lo) / (hi - lo) for p in POINTS if lo < p < hi] + [1.0]
         start = [f"--run.init_from={records[-1]['dir']}"] if records else []
         phase = run_flaxbert(cell, hp, budget_s * (hi - lo), local, out_dir / f"phase-{k + 1}",
-                             list(extra) + own + start)
+                             list(extra) + own + start, documents=documents)
         offset = records[-1]["wall_s"] if records else 0.0
         steps = records[-1]["step"] if records else 0
         for r in phase:
@@ -248,28 +276,35 @@ def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path, seed: i
         return peers.run_hf_flax(cell, hp, blocks, budget_s, list(POINTS), str(out_dir))
     if name.startswith(ABLATION):
         variant = ablations(cell_name)[name[len(ABLATION):]]
-        extra = RECIPE[cell_name] + list(variant.overrides)
-        if variant.short_seq:
-            return run_phases(cell, hp, budget_s, out_dir, extra, variant)
-        return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra, documents=variant.documents)
-    extra = RECIPE[cell_name] if name == "flaxbert_recipe" else []
-    return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra)
+        return run_recipe(cell, hp, budget_s, out_dir, RECIPE[cell_name] + list(variant.overrides),
+                          RECIPE_SCHEDULE if variant.schedule is None else variant.schedule, variant.documents)
+    if name == "flaxbert_recipe":
+        return run_recipe(cell, hp, budget_s, out_dir, RECIPE[cell_name], RECIPE_SCHEDULE)
+    return run_flaxbert(cell, hp, budget_s, POINTS, out_dir)
+
+
+def run_recipe(cell: peers.Cell, hp: peers.HParams, budget_s: float, out_dir: Path, extra: Sequence[str],
+               schedule: Schedule, documents: bool = False) -> list[dict]:
+    if schedule.short_seq:
+        return run_phases(cell, hp, budget_s, out_dir, extra, schedule, documents)
+    return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra, documents=documents)
 
 
 ABLATION = "ablation:"  # a contender name "ablation:<name>" trains the recipe changed by ablations()[name]
 
 
 def run_ablations(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: str,
-                  eval_blocks: int, seeds: Sequence[int] = (0,)) -> dict:
+                  eval_blocks: int, seeds: Sequence[int] = (0,), changes: Sequence[str] = ()) -> dict:
     """Every ablation of the recipe, each in its own process for the same budget, once per seed (the data order,
     masks and initialisation), scored by the one evaluator. Runs go seed by seed, so that a drift of the
     machine's speed during the hours this takes spreads over every ablation alike."""
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(), "load_at_start": load_average(), "budget_minutes": budget_s / 60,
               "points": list(POINTS), "seeds": list(seeds), "recipe": {c: RECIPE[c] for c in cell_names},
+              "recipe_schedule": dataclasses.asdict(RECIPE_SCHEDULE),
               "cells": {}}
     for cell_name in cell_names:
-        cell, variants, runs = cells()[cell_name], ablations(cell_name), {}
+        cell, variants, runs = cells()[cell_name], chosen_ablations(cell_name, changes), {}
         for seed in seeds:
             for k, (name, variant) in enumerate(variants.items()):
                 print(f"[{cell_name}] seed {seed}: the recipe with {name}, {budget_s / 60:g} min", flush=True)
@@ -282,6 +317,16 @@ def run_ablations(cell_names: Sequence[str], budget_s: float, work: Path, out: P
         report["cells"][cell_name] = scored
     _write(report, out, tag, ablation_markdown(report))
     return report
+
+
+def chosen_ablations(cell_name: str, changes: Sequence[str] = ()) -> dict[str, Variant]:
+    """ablations() restricted to the names in `changes` (all when empty); the recipe is always run, since every
+    change is reported against it. An unknown name is refused with the list of known ones."""
+    every = ablations(cell_name)
+    unknown = [c for c in changes if c not in every]
+    if unknown:
+        raise SystemExit(f"--changes: unknown {unknown}; the changes are: {'; '.join(every)}")
+    return {name: v for name, v in every.items() if name == "recipe" or not changes or name in changes}
 
 
 def _seeded(name: str, seed: int, seeds: Sequence[int]) -> str:
@@ -385,6 +430,12 @@ def summarize(runs: dict, unigram: float) -> dict:
     return out
 
 
+def by_fraction(row: dict, records: Sequence[dict]) -> dict[float, tuple[float, float]]:
+    """A contender's (wall seconds, accuracy) by the budget fraction its snapshot was taken at; a phase schedule
+    adds the end of each phase to the budget's points."""
+    return {round(rec["fraction"], 6): (t, a) for (t, a), rec in zip(row["curve"], records)}
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Pretraining time to accuracy ({report['date']}, {report['machine']['host_cpu']}, "
              f"{report['machine']['host_cores']} cores, load {report['load_at_start'][0]:.1f} at the start)", "",
@@ -397,17 +448,27 @@ def markdown(report: dict) -> str:
                   "| contender | steps | " + " | ".join(f"acc @ {int(p * 100)}%" for p in POINTS)
                   + " | time to HF PyTorch's final | time to HF Flax's final |",
                   "|---|---:|" + "---:|" * len(POINTS) + "---:|---:|"]
+        between = []
         for name, row in c["contenders"].items():
-            missing = ["—"] * (len(POINTS) - len(row["curve"]))
-            accs = " | ".join([f"{a:.4f} ({t:.0f} s)" for t, a in row["curve"]] + missing)
+            at = by_fraction(row, c["runs"][name])
+            accs = " | ".join(f"{at[p][1]:.4f} ({at[p][0]:.0f} s)" if p in at else "—" for p in POINTS)
+            between += [f"{LABELS.get(name, name)} at {f:.0%} of the budget (the end of phase 1): {a:.4f} ({t:.0f} s)"
+                        for f, (t, a) in at.items() if f not in POINTS]
             t_pt, t_fx = row.get("time_to_hf_torch_final_s"), row.get("time_to_hf_flax_final_s")
             fmt = lambda t: "never" if t is None else f"{t:.0f} s ({t / 60:.1f} min)"  # noqa: E731
             lines.append(f"| {LABELS.get(name, name)} | {row['steps']:,} | {accs} | {fmt(t_pt)} | {fmt(t_fx)} |")
-        lines.append("")
+        lines += [""] + ([". ".join(between) + ".", ""] if between else [])
     lines += ["Wall time is training time: from the first step (compilation included) to the checkpoint, without "
               "the time spent saving checkpoints or evaluating. flaxbert's recipe: "
-              + "; ".join(f"{cell}: {' '.join(RECIPE[cell])}" for cell in report["cells"]) + ".", ""]
+              + "; ".join(f"{cell}: {' '.join(report['recipe'][cell])}" for cell in report["cells"])
+              + f"; {_schedule_of(report).describe()} (phase 2's wall time counts from the end of phase 1; its "
+              "start-up and data preparation are not counted, its compilation is).", ""]
     return "\n".join(lines)
+
+
+def _schedule_of(report: dict) -> Schedule:
+    """The recipe's sequence-length schedule a report was made with (reports before schedules: one run)."""
+    return Schedule(**report.get("recipe_schedule", {}))
 
 
 def ablation_markdown(report: dict) -> str:
@@ -421,7 +482,7 @@ def ablation_markdown(report: dict) -> str:
     for cell, c in report["cells"].items():
         lines += [f"## {cell}: {c['description']}", "",
                   f"Unigram baseline: **{c['unigram_accuracy']:.4f}**. "
-                  f"Recipe: `{' '.join(report['recipe'][cell])}`", "",
+                  f"Recipe: `{' '.join(report['recipe'][cell])}`, {_schedule_of(report).describe()}", "",
                   "| change to the recipe | mean steps | final accuracy per seed | mean | mean − recipe's "
                   "(range over seeds) |", "|---|---:|---|---:|---:|"]
         for name, row in c["by_change"].items():
@@ -432,10 +493,8 @@ def ablation_markdown(report: dict) -> str:
                   "| run | steps | " + " | ".join(f"acc @ {int(p * 100)}%" for p in POINTS) + " |",
                   "|---|---:|" + "---:|" * len(POINTS)]
         for name, row in c["contenders"].items():
-            by_fraction = {}
-            for (_, a), rec in zip(row["curve"], c["runs"][name]):
-                by_fraction[round(rec["fraction"], 6)] = a
-            accs = " | ".join(f"{by_fraction[p]:.4f}" if p in by_fraction else "—" for p in POINTS)
+            at = by_fraction(row, c["runs"][name])
+            accs = " | ".join(f"{at[p][1]:.4f}" if p in at else "—" for p in POINTS)
             lines.append(f"| {name} | {row['steps']:,} | {accs} |")
         lines.append("")
     return "\n".join(lines)
@@ -473,7 +532,8 @@ def run(cell_names: Sequence[str], budget_s: float, work: Path, out: Path, tag: 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(), "load_at_start": load_average(), "budget_minutes": budget_s / 60,
               "points": list(POINTS), "same_hparams": {c: dataclasses.asdict(SAME[c]) for c in cell_names},
-              "recipe": {c: RECIPE[c] for c in cell_names}, "cells": {}}
+              "recipe": {c: RECIPE[c] for c in cell_names},
+              "recipe_schedule": dataclasses.asdict(RECIPE_SCHEDULE), "cells": {}}
     for cell_name in cell_names:
         runs = {}
         for name in CONTENDERS:
@@ -496,6 +556,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
     ap.add_argument("--ablate", action="store_true",
                     help="train the recipe with each of its choices changed (ablations()), instead of the contenders")
     ap.add_argument("--seeds", default="0", help="--ablate: the seeds each change is run with, e.g. 0,1")
+    ap.add_argument("--changes", default="", help="--ablate: only these changes, separated by ';' (names as "
+                    "in ablations(); the recipe always runs)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)  # one contender, in this process
     args = ap.parse_args(argv)
     if args.build_vocab:
@@ -514,7 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict | None:
         if args.ablate:
             tag = args.tag if args.tag != "time-to-accuracy" else "time-to-accuracy-ablations"
             seeds = [int(x) for x in args.seeds.split(",") if x]
-            report = run_ablations(chosen, budget_s, work, Path(args.out), tag, args.eval_blocks, seeds)
+            changes = [c.strip() for c in args.changes.split(";") if c.strip()]
+            report = run_ablations(chosen, budget_s, work, Path(args.out), tag, args.eval_blocks, seeds, changes)
             print(ablation_markdown(report))
         else:
             report = run(chosen, budget_s, work, Path(args.out), args.tag, args.eval_blocks)

@@ -197,3 +197,16 @@ def test_a_data_refusal_on_process_0_stops_every_process(tmp_path):
     results = [subprocess.CompletedProcess(cmd, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
     _one_line(results[0], "flaxbert.pretrain", "the corpus holds no text")
     _one_line(results[1], "flaxbert.pretrain", "process 0 could not prepare the data")
+
+
+def test_state_fingerprint_names_a_tied_decoder_change_and_reads_older_records():
+    from flaxbert import BertConfig
+    from flaxbert.train import rundir
+
+    manifest = {"vocab_size": 64, "counts": {"instances": 3}}
+    tied = rundir.state_fingerprint(BertConfig.tiny(vocab_size=64), "adamw", manifest)
+    untied = rundir.state_fingerprint(BertConfig.tiny(vocab_size=64, tie_word_embeddings=False), "adamw", manifest)
+    assert rundir.state_differences(tied, untied) == ["model.tie_word_embeddings True -> False"]
+    older = {**tied, "model": {k: v for k, v in tied["model"].items()
+                               if k not in ("model_type", "embedding_size", "tie_word_embeddings")}}
+    assert rundir.state_differences(older, tied) == []  # a record from before these keys: not a difference

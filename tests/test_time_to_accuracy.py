@@ -100,7 +100,7 @@ def test_every_ablation_is_a_valid_change_of_the_recipe(cell, tmp_path):
             section, field = key.split(".")
             assert str(getattr(getattr(cfg, section), field)).lower() == str(type(getattr(getattr(
                 recipe, section), field))(value)).lower(), (name, override)
-        changed |= {name} if cfg != recipe or variant.documents or variant.short_seq else set()
+        changed |= {name} if cfg != recipe or variant.documents or variant.schedule is not None else set()
     assert changed == set(tta.ablations(cell)) - {"recipe"}  # each one changes the recipe's run
 
 
@@ -125,3 +125,55 @@ def test_seed_means_compare_each_seed_with_the_recipe_of_that_seed():
     assert out["x"]["minus_recipe"] == pytest.approx(0.01)
     assert (out["x"]["minus_recipe_min"], out["x"]["minus_recipe_max"]) == pytest.approx((-0.01, 0.03))
     assert out["recipe"]["minus_recipe"] == 0.0
+
+
+def test_chosen_ablations_keep_the_recipe_and_refuse_unknown_names():
+    every = tta.ablations("tiny")
+    some = tta.chosen_ablations("tiny", ["seq 128 throughout (one run)"])
+    assert list(some) == ["recipe", "seq 128 throughout (one run)"]
+    assert tta.chosen_ablations("tiny", []) == every
+    with pytest.raises(SystemExit, match="unknown.*seq 96"):
+        tta.chosen_ablations("tiny", ["seq 96"])
+
+
+def test_recipe_schedule_phases_cover_the_budget_in_order(tmp_path, monkeypatch):
+    """run_phases trains at the short length first, then at the cell's length from phase 1's last snapshot, and
+    lays the snapshots of both on the one budget (times and steps continue, fractions are the budget's points)."""
+    calls = []
+
+    def fake_run(cell, hp, budget_s, points, out_dir, extra=(), documents=False):
+        calls.append({"budget_s": budget_s, "points": list(points), "extra": list(extra), "documents": documents})
+        return [{"fraction": p, "wall_s": p * budget_s, "step": int(100 * p), "dir": str(out_dir / f"s{p}")}
+                for p in points]
+
+    monkeypatch.setattr(tta, "run_flaxbert", fake_run)
+    cell, hp = tta.cells()["tiny"], tta.SAME["tiny"]
+    records = tta.run_phases(cell, hp, 600.0, tmp_path, tta.RECIPE["tiny"], tta.Schedule(64, 0.7))
+    assert [c["budget_s"] for c in calls] == pytest.approx([420.0, 180.0])
+    assert "--data.seq_len=64" in calls[0]["extra"] and "--data.max_predictions_per_seq=10" in calls[0]["extra"]
+    assert not any(x.startswith("--data.seq_len") for x in calls[1]["extra"])
+    assert calls[1]["extra"][-1] == f"--run.init_from={tmp_path / 'phase-1' / 's1.0'}"
+    assert [r["fraction"] for r in records] == pytest.approx([0.1, 0.25, 0.5, 0.7, 0.75, 1.0])
+    walls = [r["wall_s"] for r in records]
+    assert walls == sorted(walls) and walls[-1] == pytest.approx(600.0)
+    assert [r["phase"] for r in records] == [1, 1, 1, 1, 2, 2]
+
+
+def test_batch_schedule_changes_phase_one_only(tmp_path, monkeypatch):
+    """A schedule's short_batch sets phase 1's global batch after every other override, and phase 2 trains at the
+    cell's batch again (the batch-size schedule of the ablations)."""
+    calls = []
+
+    def fake_run(cell, hp, budget_s, points, out_dir, extra=(), documents=False):
+        calls.append(list(extra))
+        return [{"fraction": p, "wall_s": p * budget_s, "step": 10, "dir": str(out_dir / f"s{p}")} for p in points]
+
+    monkeypatch.setattr(tta, "run_flaxbert", fake_run)
+    variant = tta.ablations("tiny")["batch 16 in phase 1"]
+    assert variant.schedule.short_seq == tta.RECIPE_SCHEDULE.short_seq and variant.schedule.short_batch == 16
+    tta.run_phases(tta.cells()["tiny"], tta.SAME["tiny"], 100.0, tmp_path, tta.RECIPE["tiny"], variant.schedule)
+    batches = [[x for x in extra if x.startswith("--run.global_batch_size")] for extra in calls]
+    assert batches == [["--run.global_batch_size=16"], []]
+    base = tta.flaxbert_overrides(tta.cells()["tiny"], tta.SAME["tiny"], 100.0, tmp_path, tmp_path / "c.txt", 8192)
+    assert "--run.global_batch_size=32" in base  # what phase 2 keeps; phase 1's later override wins
+    assert "batch 16" in variant.schedule.describe()

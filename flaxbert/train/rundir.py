@@ -30,7 +30,7 @@ FILE = "fingerprint.json"
 DERIVED = ("prepared", "vocab", "metrics.jsonl", "metrics.dropped.jsonl", "metrics.png", "tensorboard", FILE,
            "config.yaml")
 _MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size")
+                "max_position_embeddings", "type_vocab_size", "model_type", "embedding_size", "tie_word_embeddings")
 
 
 def _sha256(path: str) -> str:
@@ -113,7 +113,9 @@ def state_fingerprint(model, optim_name: str, train_manifest: dict) -> dict:
 def state_differences(old: dict, new: dict) -> list[str]:
     if not old:
         return []  # checkpoints from before fingerprints: the checkpoint restore checks shapes itself
-    out = [f"model.{k} {old['model'].get(k)} -> {v}" for k, v in new["model"].items() if old["model"].get(k) != v]
+    # a key the old record lacks was not fingerprinted yet (records written before it was added)
+    out = [f"model.{k} {old['model'][k]} -> {v}" for k, v in new["model"].items()
+           if k in old["model"] and old["model"][k] != v]
     if old.get("optim") != new["optim"]:
         out.append(f"optim.name {old.get('optim')} -> {new['optim']}")
     if old.get("train_data") != new["train_data"]:
