@@ -66,18 +66,27 @@ class Schedule:
     """A sequence-length schedule as BERT's phases 1 and 2: a run at `short_seq` tokens for `short_share` of the
     budget, then one at the cell's length started from its weights (`run.init_from`), each with its own warmup
     and decay over its share of the budget. `short_seq` 0: one run at the cell's length. `short_batch`: phase 1's
-    batch size (0: the cell's), a batch-size schedule in the same two runs (small batches first)."""
+    batch size (0: the cell's), a batch-size schedule in the same two runs (small batches first). `one_run`: the
+    same two phases in one run instead (`data.short_seq_len`): one warmup and decay, one optimizer state."""
 
     short_seq: int = 0
     short_share: float = 0.0
     short_batch: int = 0
+    one_run: bool = False
 
     def describe(self) -> str:
         if not self.short_seq:
             return "one run at the cell's sequence length"
+        if self.one_run:
+            return (f"seq {self.short_seq} for {self.short_share:.0%} of the budget, then the cell's length, in one "
+                    f"run (--data.short_seq_len={self.short_seq} --data.short_share={self.short_share:g})")
         batch = f" at batch {self.short_batch}" if self.short_batch else ""
         return (f"seq {self.short_seq}{batch} for {self.short_share:.0%} of the budget, then the cell's length"
                 f"{' and batch' if batch else ''} from its weights (two runs)")
+
+    def overrides(self) -> list[str]:
+        """The flaxbert.pretrain settings of a one-run schedule."""
+        return [f"--data.short_seq_len={self.short_seq}", f"--data.short_share={self.short_share}"]
 
 
 RECIPE_SCHEDULE = Schedule(short_seq=64, short_share=0.7)
@@ -111,7 +120,9 @@ def ablations(cell_name: str) -> dict[str, Variant]:
             # the control for the schedule: the same two runs and restart, both at the cell's 128 tokens
             "seq 128 in the same two runs": Variant(schedule=Schedule(128, RECIPE_SCHEDULE.short_share)),
             f"batch {same.batch_size // 2} in phase 1": Variant(schedule=dataclasses.replace(
-                RECIPE_SCHEDULE, short_batch=same.batch_size // 2))}
+                RECIPE_SCHEDULE, short_batch=same.batch_size // 2, one_run=False)),
+            "the seq schedule in two runs": Variant(schedule=dataclasses.replace(RECIPE_SCHEDULE, one_run=False)),
+            "the seq schedule in one run": Variant(schedule=dataclasses.replace(RECIPE_SCHEDULE, one_run=True))}
 
 
 CONTENDERS = ("hf_torch", "hf_flax", "flaxbert_same", "flaxbert_recipe")
@@ -285,6 +296,9 @@ def train_one(name: str, cell_name: str, budget_s: float, out_dir: Path, seed: i
 
 def run_recipe(cell: peers.Cell, hp: peers.HParams, budget_s: float, out_dir: Path, extra: Sequence[str],
                schedule: Schedule, documents: bool = False) -> list[dict]:
+    if schedule.short_seq and schedule.one_run:
+        return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, list(extra) + schedule.overrides(),
+                            documents=documents)
     if schedule.short_seq:
         return run_phases(cell, hp, budget_s, out_dir, extra, schedule, documents)
     return run_flaxbert(cell, hp, budget_s, POINTS, out_dir, extra, documents=documents)

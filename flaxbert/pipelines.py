@@ -128,19 +128,22 @@ class QuestionAnsweringPipeline(_Pipeline):
         self.settings = F.QASettings(self.max_length, min(base.doc_stride, self.max_length // 2),
                                      base.max_query_length, base.n_best_size, base.max_answer_length)
 
-    def __call__(self, question: Union[str, Sequence[str]], context: Union[str, Sequence[str]],
+    def __call__(self, question: Union[str, Sequence[str]], context: Union[str, Sequence[str]], top_k: int = 1,
                  handle_impossible_answer: bool = False, null_threshold: float = 0.0, align_to_words: bool = True):
-        """{"answer", "score", "start", "end"}: the best span of `context` (character offsets), widened to whole
-        words as transformers' pipeline does (`align_to_words=False`: the span of its tokens)."""
+        """{"answer", "score", "start", "end"} (a list of `top_k` of them when top_k > 1): the best spans of
+        `context` (character offsets), chosen and scored as transformers' pipeline does, widened to whole words
+        (`align_to_words=False`: the spans of their tokens); see `features.qa_pipeline_answers`."""
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}")
         single = isinstance(question, str)
         qs, cs = ([question], [context]) if single else (list(question), list(context))
         examples = [QAExample(str(i), "", c, q, [], False, f"input {i}") for i, (q, c) in enumerate(zip(qs, cs))]
         feats = F.qa_features(self.model.tokenizer, examples, self.settings, training=False, word_spans=align_to_words)
         rows = self._run(feats, seq_outputs=True)
-        preds = F.qa_postprocess(examples, feats, [r[0] for r in rows], [r[1] for r in rows], self.settings,
-                                 version_2=handle_impossible_answer, null_threshold=null_threshold)
-        out = [{"answer": p.text, "score": p.score, "start": p.start, "end": p.end}
-               for p in (preds[ex.qid] for ex in examples)]
+        answers = F.qa_pipeline_answers(examples, feats, [r[0] for r in rows], [r[1] for r in rows],
+                                        self.settings.max_answer_length, top_k, handle_impossible_answer,
+                                        null_threshold, align_to_words)
+        out = [a[0] if top_k == 1 else a for a in answers]
         return out[0] if single else out
 
 
@@ -193,4 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from flaxbert.cli import program_environment
+
+    program_environment()  # before anything imports transformers
     sys.exit(main())

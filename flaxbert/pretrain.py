@@ -93,4 +93,7 @@ def _pretrain(argv: Optional[Sequence[str]], where: dict) -> int:
 
 
 if __name__ == "__main__":
+    from flaxbert.cli import program_environment
+
+    program_environment()  # before anything imports transformers
     sys.exit(main())

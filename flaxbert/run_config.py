@@ -44,10 +44,27 @@ class DataConfig:
     masking: str = "dynamic"  # static (masks written by prepare) | dynamic (new masks every epoch)
     packed: bool = False  # pack several instances per row
     nsp: bool = True  # next-sentence prediction (sentence pairs); False: MLM only on single-segment rows
+    # A sequence-length schedule in one run, as BERT's phases 1 and 2: > 0 trains the first `short_share` of the
+    # run (of run.steps, or of a budget run's time) on rows of this many tokens, then on rows of `seq_len`; one
+    # learning-rate schedule and optimizer state over both. Held-out evaluation is at `seq_len` throughout.
+    short_seq_len: int = 0
+    short_share: float = 0.0
+    short_prepared_dir: str = ""  # with `prepared_dir`: the data prepared at short_seq_len; "" = prepared here
     lowercase: bool = True  # for a vocabulary trained on the spot
     seed: int = 12345  # data order and masking; independent of run.seed
     loader_processes: int = 0  # > 0: training batches made in this many worker processes (GIL-free; each
     # opens the data itself); 0: in two threads of the training process. Batches are the same either way.
+
+    @property
+    def short_max_predictions(self) -> int:
+        """Masked positions per short row: `max_predictions_per_seq` scaled to `short_seq_len` (BERT's phase 1
+        makes 20 at 128 tokens for phase 2's 80 at 512)."""
+        return max(1, round(self.max_predictions_per_seq * self.short_seq_len / self.seq_len))
+
+    def short_prepare_settings(self) -> PrepareSettings:
+        """The settings of the short rows of a sequence-length schedule (`short_seq_len` > 0)."""
+        return dataclasses.replace(self.prepare_settings(), max_seq_length=self.short_seq_len,
+                                   max_predictions_per_seq=self.short_max_predictions)
 
     def prepare_settings(self) -> PrepareSettings:
         """The settings `flaxbert.data.prepare` makes instances with (checked there, in one place)."""
@@ -203,6 +220,31 @@ class RunConfig:
             raise ConfigError(f"data: {e}") from None
         if d.loader_processes < 0:
             raise ConfigError(f"data.loader_processes must be >= 0, got {d.loader_processes}")
+        self._check_short_rows()
+
+    def _check_short_rows(self) -> None:
+        d = self.data
+        if not d.short_seq_len:
+            if d.short_share or d.short_prepared_dir:
+                raise ConfigError("data.short_share and data.short_prepared_dir belong to a sequence-length "
+                                  "schedule, which data.short_seq_len=0 turns off; set data.short_seq_len")
+            return
+        if not 0 < d.short_seq_len < d.seq_len:
+            raise ConfigError(f"data.short_seq_len={d.short_seq_len} must be between 0 and data.seq_len="
+                              f"{d.seq_len} (the rows of the run's second phase)")
+        if not 0 < d.short_share < 1:  # written so that NaN fails too
+            raise ConfigError(f"data.short_share={d.short_share} must be in (0, 1): the share of the run trained on "
+                              f"rows of data.short_seq_len={d.short_seq_len} tokens")
+        if d.prepared_dir and not d.short_prepared_dir:
+            raise ConfigError(f"data.prepared_dir is given, so the rows of data.short_seq_len={d.short_seq_len} "
+                              "tokens must be prepared too: pass data.short_prepared_dir")
+        if d.short_prepared_dir and not d.prepared_dir:
+            raise ConfigError("data.short_prepared_dir is given without data.prepared_dir; give both, or neither "
+                              "to prepare the corpus here")
+        try:
+            d.short_prepare_settings()
+        except DataError as e:
+            raise ConfigError(f"data (short rows): {e}") from None
 
     def checkpoint_dir(self) -> str:
         """Where this run's checkpoints live: checkpoint.directory, or <run.output_dir>/checkpoints."""

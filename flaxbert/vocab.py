@@ -203,4 +203,7 @@ def _train_and_report(args) -> int:
 
 
 if __name__ == "__main__":
+    from flaxbert.cli import program_environment
+
+    program_environment()  # before anything imports transformers
     sys.exit(main())

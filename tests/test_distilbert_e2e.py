@@ -176,6 +176,7 @@ def test_question_answering_pipeline_matches_transformers(distil_dir, tmp_path):
             got = ours(question=question, context=context, align_to_words=align)
             want = ref(question=question, context=context, max_answer_len=30, align_to_words=align)
             assert (got["start"], got["end"], got["answer"]) == (want["start"], want["end"], want["answer"])
+            assert got["score"] == pytest.approx(want["score"], rel=1e-4)
             assert context[got["start"]:got["end"]] == got["answer"]
         widened += ours(question=question, context=context)["answer"] != got["answer"]
     assert widened > 0  # some answer of the random head ends inside a word, so the widening is exercised

@@ -83,9 +83,12 @@ def _same_outputs(best: Path, cls, texts, pairs=None) -> float:
 
 
 FAMILIES = {"electra": ("electra_dir", "Electra"), "roberta": ("roberta_dir", "Roberta")}
+# ELECTRA's NER and QA runs are in scripts/slow_tests.sh (CI time); its heads' parity with transformers, its
+# emotion run and its pipelines stay in the default run, as do RoBERTa's (the byte-level BPE offsets) NER and QA
+BY_FAMILY = [pytest.param("electra", marks=pytest.mark.slow), "roberta"]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", BY_FAMILY)
 def test_conll_ner_through_the_cli(family, request, tmp_path):
     fixture, prefix = FAMILIES[family]
     base = request.getfixturevalue(fixture)
@@ -98,7 +101,7 @@ def test_conll_ner_through_the_cli(family, request, tmp_path):
     assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", BY_FAMILY)
 def test_squad_qa_through_the_cli(family, request, tmp_path):
     fixture, prefix = FAMILIES[family]
     base = request.getfixturevalue(fixture)
@@ -115,7 +118,7 @@ def test_squad_qa_through_the_cli(family, request, tmp_path):
 
 def test_electra_emotion_through_the_cli(electra_dir, tmp_path):
     metrics = _finetune(["--task", "emotion", "--model", str(electra_dir), "--data", str(DATA / "emotion"),
-                         "--max-length", "32"], tmp_path / "out")
+                         "--max-length", "32", "--task.bucket_min=32"], tmp_path / "out")  # one shape to compile
     assert metrics["labels"] == ["anger", "fear", "joy", "love", "sadness", "surprise"]
     best = tmp_path / "out" / "best_model"
     saved = json.loads((best / "config.json").read_text())

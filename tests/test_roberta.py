@@ -193,6 +193,41 @@ def test_text_classification_pipeline_with_byte_level_bpe_matches_transformers(t
         assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-4)
 
 
+def test_question_answering_pipeline_with_byte_level_bpe(tmp_path):
+    """QA answers of a byte-level BPE model are the context's own characters at [start, end), whole words with no
+    byte-level space, chosen and scored as transformers' pipeline does: widened to words, where spans that widen
+    to the same words add their scores (a word here is many pieces), or the tokens' own spans; top 3 and with
+    the null answer too."""
+    from flaxbert.pipelines import pipeline
+
+    tok = byte_level_bpe_tokenizer(128)
+    config = transformers.RobertaConfig(**{**CONFIGS["roberta"][2], "vocab_size": len(tok),
+                                           "max_position_embeddings": 130}, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    model = perturbed_torch(transformers.RobertaForQuestionAnswering(config), 3)
+    with torch.no_grad():
+        model.qa_outputs.weight.mul_(30.0)  # arg-maxes that are not ties
+    d = tmp_path / "qa"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    ours = pipeline("question-answering", str(d), max_length=128)
+    ref = transformers.pipeline("question-answering", model=str(d), tokenizer=str(d), device="cpu")
+    context = NER_TEXTS[0] + " They talked about the news from Germany and France."
+    for question in ["Who met Macron?", "Where did they meet?", "What did they talk about?"]:
+        for align, null in ((True, False), (False, False), (True, True)):
+            got = ours(question=question, context=context, align_to_words=align, top_k=3,
+                       handle_impossible_answer=null)
+            want = ref(question=question, context=context, max_answer_len=30, align_to_words=align, top_k=3,
+                       handle_impossible_answer=null)
+            assert [(g["start"], g["end"], g["answer"]) for g in got] == \
+                [(w["start"], w["end"], w["answer"]) for w in want]
+            assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], rel=1e-4, abs=1e-7)
+            for g in got:
+                assert g["answer"] and context[g["start"]:g["end"]] == g["answer"]
+                if align:
+                    assert g["answer"] == g["answer"].strip(), g  # no byte-level space at either end
+
+
 def test_finetune_cli_on_emotion_with_byte_level_bpe(tmp_path):
     """`python -m flaxbert.finetune` on a slice of emotion with a random RoBERTa and its byte-level BPE tokenizer
     (packed rows, the default); the best model loads in transformers with the same logits."""

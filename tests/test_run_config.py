@@ -98,7 +98,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def _cli(*args, devices=1):
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + f" --xla_force_host_platform_device_count={devices}"}
     return subprocess.run([sys.executable, "-m", "flaxbert.pretrain", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 

@@ -131,6 +131,7 @@ def test_every_entry_point_gives_one_line_and_exit_code_2(tmp_path, args, module
     assert "Traceback" in open(log).read()  # the details go to the log file, not the terminal
 
 
+@pytest.mark.slow  # scripts/slow_tests.sh (CI time); kill -9 and SIGTERM resumes stay: test_train_checkpoint.py
 def test_kill9_during_an_async_save_resumes_bitwise_and_a_full_disk_stops_cleanly(tmp_path):
     script = os.path.join(REPO, "tests", "fault_save_script.py")
     common = ["--run.steps=8", *FAST]
@@ -190,7 +191,8 @@ def test_a_data_refusal_on_process_0_stops_every_process(tmp_path):
     cmd = [sys.executable, "-m", "flaxbert.pretrain", f"--run.output_dir={tmp_path / 'run'}",
            f"--data.corpus={tmp_path / 'empty.txt'}", *FAST, f"--run.coordinator_address=127.0.0.1:{port}",
            "--run.num_processes=2"]
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**_env(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
     procs = [subprocess.Popen(cmd + [f"--run.process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

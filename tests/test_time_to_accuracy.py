@@ -94,7 +94,8 @@ def test_every_ablation_is_a_valid_change_of_the_recipe(cell, tmp_path):
     recipe = rc.load("", base)
     changed = set()
     for name, variant in tta.ablations(cell).items():
-        cfg = rc.load("", base + list(variant.overrides))
+        one_run = variant.schedule.overrides() if variant.schedule is not None and variant.schedule.one_run else []
+        cfg = rc.load("", base + list(variant.overrides) + one_run)  # a one-run schedule's settings load too
         for override in variant.overrides:
             key, value = override[2:].split("=")
             section, field = key.split(".")

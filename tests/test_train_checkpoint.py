@@ -209,7 +209,8 @@ def test_two_process_cli_run_checkpoints_and_resumes(tmp_path, prepared):
             port = s.getsockname()[1]
         cmd = [c if not c.startswith("--run.steps=") else f"--run.steps={steps}" for c in _command(str(out), prepared)]
         cmd = [c if not c.startswith("--checkpoint.every=") else "--checkpoint.every=2" for c in cmd]
-        env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        env = {**_env(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=2"}
         procs = [subprocess.Popen(cmd + [f"--run.coordinator_address=127.0.0.1:{port}", "--run.num_processes=2",
                                          f"--run.process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(2)]

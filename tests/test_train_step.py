@@ -24,7 +24,10 @@ SCRIPT = os.path.join(HERE, "train_parity_script.py")
 
 
 def _parity(args, devices, timeout=600):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    # compiled afresh (no cache), so that the compiler's own warnings below are seen
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + f" --xla_force_host_platform_device_count={devices}",
+           "JAX_ENABLE_COMPILATION_CACHE": "false"}
     proc = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the embedding lookup and the block outputs keep their layout on every mesh (data, FSDP, tensor, 2x2x2):
@@ -63,7 +66,8 @@ def _free_port():
 def test_two_processes_match_one_process_with_four_devices():
     """Acceptance 2: 2 processes x 2 CPU devices (gloo), each feeding its own rows, == 1 process x 4 devices."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
     procs = [subprocess.Popen([sys.executable, SCRIPT, "--multihost", str(i), "2", str(port), "2,2,1+dropout"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -164,10 +168,12 @@ def test_weights_prepass_is_pruned_by_xla():
     assert flops(ours) <= 1.05 * flops(jax.jit(jax.grad(plain)))
 
 
+@pytest.mark.slow  # scripts/slow_tests.sh (CI time); the pmap step's losses stay in the layouts test above
 def test_the_loop_runs_checkpoints_and_resumes_with_the_pmap_layout(tmp_path):
     """`run.step_impl=pmap` through the whole loop on 2 devices: steps, held-out eval, a checkpoint, and a
     resumed second run (the batches go to the devices through the pmap layout's own sharding)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2",
            "PYTHONPATH": os.path.dirname(HERE)}
     args = [sys.executable, "-m", "flaxbert.pretrain", "--run.step_impl=pmap", "--checkpoint.every=2",
             "--run.eval_every=2", "--run.progress=false", "--run.log_every=2", f"--run.output_dir={tmp_path / 'run'}"]

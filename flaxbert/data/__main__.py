@@ -51,4 +51,7 @@ def _prepare(args) -> int:
 
 
 if __name__ == "__main__":
+    from flaxbert.cli import program_environment
+
+    program_environment()  # before anything imports transformers
     sys.exit(main())

@@ -71,4 +71,7 @@ def _run(args, overrides: list[str], where: dict) -> int:
 
 
 if __name__ == "__main__":
+    from flaxbert.cli import program_environment
+
+    program_environment()  # before anything imports transformers
     sys.exit(main())

@@ -288,6 +288,60 @@ def qa_postprocess(examples: Sequence[QAExample], features: Sequence[dict], star
     return preds
 
 
+def _context_probabilities(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Softmax over the `allowed` positions of one window (0 elsewhere)."""
+    masked = np.where(allowed, logits.astype(np.float64), -np.inf)
+    p = np.exp(masked - masked.max())
+    return p / p.sum()
+
+
+def qa_pipeline_answers(examples: Sequence[QAExample], features: Sequence[dict], start_logits: Sequence[np.ndarray],
+                        end_logits: Sequence[np.ndarray], max_answer_length: int, top_k: int = 1,
+                        handle_impossible_answer: bool = False, null_threshold: float = 0.0,
+                        align_to_words: bool = True) -> list[list[dict]]:
+    """The `top_k` answers per question as transformers' question-answering pipeline ranks them: in each window
+    the start and end probabilities are softmaxes over the context tokens and [CLS]; a span scores p(start) x
+    p(end) (end >= start, at most `max_answer_length` tokens). With `align_to_words` each of a window's
+    2 top_k + 10 best spans is widened to its whole words (`word_offsets`), and spans that widen to the same text
+    (ignoring case), in any window, add their scores: a word cut into many pieces gathers the probability of the
+    spans that end inside it. `handle_impossible_answer`: "" (at 0, 0) competes with the score p([CLS]) x
+    p([CLS]) of the window where it is lowest, less `null_threshold`. Each answer: {"answer", "score", "start",
+    "end"} (character offsets into the context)."""
+    by_example = collections.defaultdict(list)
+    for fi, f in enumerate(features):
+        by_example[int(f["example_index"])].append(fi)
+    out = []
+    for ei, ex in enumerate(examples):
+        answers: dict[str, dict] = {}
+        null = np.inf
+        for fi in by_example.get(ei, []):
+            offsets = features[fi]["offsets"]
+            n = len(offsets)
+            chars = features[fi]["word_offsets"] if align_to_words and "word_offsets" in features[fi] else offsets
+            context = offsets[:, 0] >= 0
+            allowed = context.copy()
+            allowed[0] = True  # [CLS]: the null answer's position
+            p_start = _context_probabilities(np.asarray(start_logits[fi])[:n], allowed)
+            p_end = _context_probabilities(np.asarray(end_logits[fi])[:n], allowed)
+            null = min(null, float(p_start[0] * p_end[0]))
+            p_start[0] = p_end[0] = 0.0
+            spans = np.tril(np.triu(np.outer(p_start, p_end)), max_answer_length - 1).ravel()  # [start * n + end]
+            for i in np.argsort(-spans, kind="stable")[: 2 * top_k + 10 if align_to_words else top_k]:
+                s, e = divmod(int(i), n)
+                if not (context[s] and context[e]) or not spans[i]:
+                    continue
+                cs, ce = int(chars[s, 0]), int(chars[e, 1])
+                text = ex.context[cs:ce]
+                found = answers.setdefault(text.lower(), {"answer": text, "score": 0.0, "start": cs, "end": ce})
+                found["score"] += float(spans[i])
+        ranked = sorted(answers.values(), key=lambda a: -a["score"])
+        if handle_impossible_answer and np.isfinite(null):
+            ranked.append({"answer": "", "score": null, "start": 0, "end": 0})
+            ranked.sort(key=lambda a: -(a["score"] - (null_threshold if not a["answer"] else 0.0)))
+        out.append(ranked[:top_k] or [{"answer": "", "score": 0.0, "start": 0, "end": 0}])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Multiple choice (SWAG)
 # ------------------------------------------------------------------------------------------------

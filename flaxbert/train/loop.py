@@ -22,6 +22,7 @@ from flaxbert.train import writer as mx
 from flaxbert.train import optim
 from flaxbert.train import step as st
 from flaxbert.train.engine import build_engine
+from flaxbert.train.phases import PhasedBatches, ShortRows
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Job:
     initial_params: Any = None  # host arrays to start from (e.g. an HF checkpoint) instead of init_params
     mesh_shape: Optional[tuple[int, int, int]] = None  # (data, fsdp, tensor) if the run config was validated
     progress_keys: tuple[tuple[str, str], ...] = (("accuracy", "acc"),)  # (metric, short name) on the bar
+    short_rows: Optional[ShortRows] = None  # a first phase on shorter rows, before train_batches (phases.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +186,11 @@ class _Progress:
         self.last: dict = {}
         self.t, self.steps, self.compiled, self.skipped = time.perf_counter(), 0, False, 0
         self.spikes = _SpikeWatch(cfg.run.spike_factor, cfg.run.spike_steps)
+        self.seq_len, self.flops_per_token = task.seq_len, task.flops_per_token  # of the phase being trained
+
+    def new_phase(self, seq_len: float, flops_per_token: float) -> None:
+        """Rows of another length from the next step on: its first window compiles, so it reports no speed."""
+        self.seq_len, self.flops_per_token, self.compiled = seq_len, flops_per_token, False
 
     def flush(self) -> Optional[_Failure]:
         """Fetch pending metrics and log them; a `_Failure` if a step was non-finite or the loss diverged."""
@@ -211,8 +218,10 @@ class _Progress:
         if window:
             record = _mean_records(window)
             if self.compiled and self.steps:
-                record.update(mx.throughput((now - self.t) / self.steps, r.global_batch_size, self.task.seq_len,
-                                            self.task.flops_per_token, jax.device_count(), self.peak))
+                record.update(mx.throughput((now - self.t) / self.steps, r.global_batch_size, self.seq_len,
+                                            self.flops_per_token, jax.device_count(), self.peak))
+            if self.task.short_rows is not None:
+                record["seq_len"] = float(self.seq_len)
             self.last = record
             self.writer.write(fetched[-1][0], record)
             self._show(record)
@@ -274,13 +283,13 @@ class _Resumed(NamedTuple):
     lr_origin_s: Optional[float]  # where a budget run's schedule clock starts (None: not yet known)
 
 
-def _restore(cfg: rc.RunConfig, task: Job, engine, checkpointer) -> _Resumed:
-    """The latest good checkpoint with the loader put back to its position, or a fresh state."""
+def _restore(cfg: rc.RunConfig, task: Job, engine, checkpointer, batches) -> _Resumed:
+    """The latest good checkpoint with the `batches` put back to their position, or a fresh state."""
     restored = checkpointer.restore_latest(engine.target()) if cfg.checkpoint.resume else None
     if restored is None:
         return _Resumed(engine.init_state(task.initial_params), 0.0, None)
     state, data_state, meta = restored
-    task.train_batches.set_state(data_state)
+    batches.set_state(data_state)
     log.info("resumed from step %d", int(state.step))
     origin = meta.get("lr_origin_s")
     return _Resumed(state, float(meta.get("train_seconds", 0.0)), None if origin is None else float(origin))
@@ -293,11 +302,15 @@ def train(cfg: rc.RunConfig, task: Job, snapshots: Optional[Snapshots] = None) -
     engine = build_engine(cfg, task, mesh_shape=task.mesh_shape)
     is_main = jax.process_index() == 0
     checkpointer = ckpt.Checkpointer(cfg.checkpoint_dir(), keep=c.keep, async_save=c.async_save)
-    resumed = _restore(cfg, task, engine, checkpointer)
+    batches = task.train_batches if task.short_rows is None else PhasedBatches(task.short_rows.batches,
+                                                                                 task.train_batches)
+    resumed = _restore(cfg, task, engine, checkpointer, batches)
     if is_main:
         rc.save(cfg, os.path.join(r.output_dir, "config.yaml"))
-    run = _Run(cfg, task, engine, checkpointer, snapshots, resumed)
+    run = _Run(cfg, task, engine, checkpointer, snapshots, resumed, batches)
     progress = _Progress(cfg, task, is_main, run.step, run.budget_s > 0)
+    if isinstance(batches, PhasedBatches) and batches.phase == 0:
+        progress.new_phase(task.short_rows.seq_len, task.short_rows.flops_per_token)
     try:
         reason, message = run.loop(progress)
     finally:
@@ -317,12 +330,13 @@ class _Run:
     """The stepping side of a run: the state, its clock, the prefetched batches, and what happens after each
     step (fetch and log, checkpoint, preemption, held-out evaluation, snapshots)."""
 
-    def __init__(self, cfg: rc.RunConfig, task: Job, engine, checkpointer, snapshots, resumed: _Resumed):
+    def __init__(self, cfg: rc.RunConfig, task: Job, engine, checkpointer, snapshots, resumed: _Resumed, batches):
         self.cfg, self.task, self.engine, self.checkpointer, self.snapshots = cfg, task, engine, checkpointer, snapshots
         self.budget_s = cfg.run.budget_minutes * 60.0
         self.step = int(resumed.state.step)
         self.state = engine.to_layout(resumed.state)
-        self.batches = DevicePrefetch(task.train_batches, engine.put, cfg.run.prefetch)
+        self.phased = batches if isinstance(batches, PhasedBatches) else None
+        self.batches = DevicePrefetch(batches, engine.put, cfg.run.prefetch)
         self.clock = _Clock(resumed.train_seconds)
         # A budget run's schedule runs on the time after its first step has compiled and run: compilation
         # (10 s or more) would otherwise use up a short warmup before any step had seen a warm rate.
@@ -339,6 +353,22 @@ class _Run:
         if self.lr_origin_s is not None:
             extra["lr_origin_s"] = self.lr_origin_s
         self.checkpointer.save(self.step, self.engine.to_checkpoint(self.state), self.batches.get_state(), extra=extra)
+
+    def phase_due(self) -> bool:
+        """Whether the next step belongs to phase 2 of a sequence-length schedule while phase 1's rows are still
+        being fed: the share of run.steps done, or of a budget run's schedule time, has reached the short share."""
+        if self.phased is None or self.phased.phase == 1:
+            return False
+        done = self.budget_progress() if self.budget_s else self.step / self.cfg.run.steps
+        return done >= self.task.short_rows.share
+
+    def next_phase(self, progress: _Progress) -> None:
+        """From the next step on, the full rows (the short rows already on the devices are dropped)."""
+        self.phased.advance()
+        self.batches = DevicePrefetch(self.phased, self.engine.put, self.cfg.run.prefetch)
+        progress.new_phase(self.task.seq_len, self.task.flops_per_token)
+        log.info("step %d: the sequence-length schedule's second phase starts: rows of %d tokens from here on",
+                 self.step, self.task.seq_len)
 
     def budget_progress(self) -> float:
         """The share of a budget run's schedule spent: 0 until the first step has run, then the time since
@@ -368,12 +398,16 @@ class _Run:
         r, c = self.cfg.run, self.cfg.checkpoint
         with _StopFlag() as stop:
             in_flight, done = None, self.over()
+            switch = self.phase_due()
             while not done:
+                if switch:
+                    self.next_phase(progress)
                 in_flight = m = self.one_step(progress, in_flight)
                 done = self.over()
                 if done:
                     self.stopped_at = self.clock.seconds()  # before the final checkpoint and evaluation
-                at_log = self.step % r.log_every == 0 or done or not progress.compiled
+                switch = not done and self.phase_due()  # a phase's last step ends a logging window
+                at_log = self.step % r.log_every == 0 or done or not progress.compiled or switch
                 at_save = self.step % c.every == 0 or done
                 preempt = stop.signal is not None if jax.process_count() == 1 else (at_log and stop.any_process())
                 if at_log or at_save or preempt:

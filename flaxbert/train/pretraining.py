@@ -21,6 +21,7 @@ from flaxbert.errors import DataError
 from flaxbert.losses import mlm_loss, pretraining_losses
 from flaxbert.train import rundir
 from flaxbert.train.loop import Job, Snapshots
+from flaxbert.train.phases import ShortRows
 from flaxbert.train.step import LossOutput
 
 
@@ -95,6 +96,15 @@ def data_dirs(cfg: rc.RunConfig) -> tuple[str, str]:
     return tuple(os.path.join(cfg.run.output_dir, "prepared", split) for split in ("train", "eval"))
 
 
+def short_data_dir(cfg: rc.RunConfig) -> Optional[str]:
+    """Where the short rows of a sequence-length schedule are prepared (None: the run has no schedule)."""
+    if not cfg.data.short_seq_len:
+        return None
+    if cfg.data.prepared_dir:
+        return cfg.data.short_prepared_dir
+    return os.path.join(cfg.run.output_dir, "prepared", "train-short")
+
+
 def _prepare_data(cfg: rc.RunConfig, model: BertConfig) -> tuple[str, Optional[str]]:
     """Prepared train/eval dirs: given ones, or built under output_dir (process 0) and reused while their
     fingerprint matches (see train/rundir.py)."""
@@ -130,6 +140,8 @@ def _wanted_data(cfg: rc.RunConfig, model: BertConfig, known: Optional[dict]) ->
         source = {"from": "shipped" if shipped else "trained here", "vocab_size": model.vocab_size,
                   "lowercase": d.lowercase}
     settings = {**dataclasses.asdict(d.prepare_settings()), "eval_fraction": d.eval_fraction}
+    if d.short_seq_len:  # only then, so that the data of runs without a schedule keep their fingerprint
+        settings["short_rows"] = dataclasses.asdict(d.short_prepare_settings())
     return rundir.data_fingerprint(specs, fmt, settings, source, known)
 
 
@@ -185,6 +197,8 @@ def _build_data(cfg: rc.RunConfig, model: BertConfig, train_dir: str, eval_dir: 
     kw = dict(model_vocab_size=model.vocab_size, overwrite=True, progress=False, corpus_format="bert")
     if eval_txt:
         data.prepare(eval_txt, tokenizer, eval_dir, d.prepare_settings(), **kw)
+    if d.short_seq_len:
+        data.prepare(train_txt, tokenizer, short_data_dir(cfg), d.short_prepare_settings(), **kw)
     data.prepare(train_txt, tokenizer, train_dir, d.prepare_settings(), **kw)  # last: its manifest marks "done"
 
 
@@ -334,5 +348,32 @@ def build_task(cfg: rc.RunConfig) -> tuple[rc.RunConfig, Job]:
                 logical_axes=heads.logical_axes(model, head), loss_fn=make_loss_fn(model, d.nsp),
                 train_batches=loader, seq_len=seq, eval_batches=eval_batches, initial_params=initial,
                 mesh_shape=mesh_shape, progress_keys=(("mlm_accuracy", "mlm_acc"), ("nsp_accuracy", "nsp_acc")),
-                flops_per_token=model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq))
+                flops_per_token=_flops_per_token(model, manifest),
+                short_rows=_short_rows(cfg, model, manifest, common))
     return cfg, task
+
+
+def _flops_per_token(model: BertConfig, manifest: dict) -> float:
+    seq = manifest["max_seq_length"]
+    return model.flops_per_token(seq, masked_fraction=manifest["max_predictions_per_seq"] / seq)
+
+
+def _short_rows(cfg: rc.RunConfig, model: BertConfig, train_manifest: dict, common: dict) -> Optional[ShortRows]:
+    """The first phase of a sequence-length schedule: a loader over the short rows, after checking that they were
+    made from the same tokenizer and instance kind as the full rows and are shorter."""
+    where = short_data_dir(cfg)
+    if where is None:
+        return None
+    from flaxbert import data
+
+    manifest = data.load_manifest(where)
+    if manifest["max_seq_length"] >= train_manifest["max_seq_length"]:
+        raise rc.ConfigError(f"{where} holds rows of {manifest['max_seq_length']} tokens, not shorter than the "
+                             f"{train_manifest['max_seq_length']} of the run's second phase (data.short_seq_len)")
+    for key in ("tokenizer_sha256", "vocab_size", "nsp"):
+        if manifest.get(key) != train_manifest.get(key):
+            raise rc.ConfigError(f"{where} (the short rows) and the full rows were prepared differently: {key} "
+                                 f"{manifest.get(key)!r} against {train_manifest.get(key)!r}")
+    loader = data.make_loader(where, seed=cfg.data.seed, prefetch_processes=cfg.data.loader_processes, **common)
+    return ShortRows(batches=loader, seq_len=manifest["max_seq_length"],
+                     flops_per_token=_flops_per_token(model, manifest), share=cfg.data.short_share)
